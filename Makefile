@@ -1,0 +1,30 @@
+# Two commands for a fresh machine:  make quickstart   and   make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU build of PyTorch goes in first, so the package's `torch>=2.4` is already satisfied and
+# pip never pulls a multi-GB CUDA build. On a GPU machine: make TORCH="torch" quickstart
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup quickstart test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	touch $@
+
+quickstart: setup
+	$(BIN)/scratchlm quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,43 @@
+"""Run every benchmark (or those named) and write benchmarks/RESULTS.md.
+
+    python -m benchmarks                 # all
+    python -m benchmarks tokenizer dedup # some
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ALL = ["tokenizer", "dedup", "train_step", "generate"]
+
+
+def main(names: list[str]) -> None:
+    names = names or ALL
+    results_path = Path(__file__).parent / "RESULTS.md"
+    sections = {}
+    if results_path.exists():  # keep the other benchmarks' latest tables
+        current = None
+        for block in results_path.read_text().split("\n<!-- bench: ")[1:]:
+            current, body = block.split(" -->\n", 1)
+            sections[current] = body.strip()
+    for name in names:
+        t = time.time()
+        print(f"== {name}", flush=True)
+        table = importlib.import_module(f"benchmarks.{name}").run()
+        print(table, flush=True)
+        sections[name] = table + f"\n\n(run on {time.strftime('%Y-%m-%d')}, {time.time() - t:.0f} s)"
+    head = (f"# Benchmark results\n\nMachine: {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}. Regenerate with `make bench`.\n")
+    body = "".join(f"\n<!-- bench: {n} -->\n{sections[n]}\n" for n in ALL if n in sections)
+    results_path.write_text(head + body)
+    print(f"wrote {results_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

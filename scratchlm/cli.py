@@ -1,0 +1,271 @@
+"""`scratchlm <command>`: parse arguments, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scratchlm.errors import UserError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def cmd_quickstart(a) -> None:
+    from scratchlm.quickstart import run_quickstart
+    run_quickstart(corpus=a.corpus, minutes=a.minutes, out=a.out, overrides=a.overrides, max_steps=a.max_steps)
+
+
+def _read_input(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"input {path} not found")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def cmd_tokenizer(a) -> None:
+    from scratchlm.tokenizer import Tokenizer
+    if a.action == "train":
+        from scratchlm.data.sources import ReadOptions, iter_documents
+        texts = (d.text for d in iter_documents(a.input, ReadOptions(text_field=a.text_field)))
+        tok = Tokenizer.train(texts, a.vocab_size, pattern=a.pattern, min_frequency=a.min_frequency, num_workers=2)
+        tok.save(a.out)
+        if a.hf:
+            from scratchlm.tokenizer.hf_export import export_hf
+            export_hf(tok, a.out)
+        print(f"trained {tok.vocab_size} tokens ({len(tok.merges)} merges) -> {a.out} (fingerprint {tok.fingerprint})")
+    elif a.action == "encode":
+        tok = Tokenizer.load(a.tokenizer)
+        print(json.dumps(tok.encode(_read_input(a.input), allowed_special="all" if a.allow_special else ())))
+    elif a.action == "decode":
+        tok = Tokenizer.load(a.tokenizer)
+        try:
+            ids = json.loads(_read_input(a.input))
+        except json.JSONDecodeError:
+            raise UserError("decode expects a JSON list of token ids") from None
+        sys.stdout.write(tok.decode(ids))
+    elif a.action == "stats":
+        tok = Tokenizer.load(a.tokenizer)
+        text = _read_input(a.input)
+        if not text:
+            raise UserError(f"{a.input} is empty")
+        n = len(tok.encode_ordinary(text))
+        nb, nc = len(text.encode("utf-8")), len(text)
+        print(f"characters           {nc:,}\nbytes                {nb:,}\nBPE tokens           {n:,}\n"
+              f"bytes/token          {nb / n:.3f}\nchars/token          {nc / n:.3f}\n"
+              f"char-level tokens    {nc:,} (vocab {len(set(text))})\n"
+              f"sequence length ratio char-level / BPE: {nc / n:.2f}x")
+
+
+def cmd_prepare(a) -> None:
+    from scratchlm.data.prepare import PrepareOptions, prepare
+    opts = PrepareOptions(corpus=a.input, out=a.out, text_field=a.text_field, on_bad_record=a.on_bad_record,
+                          tokenizer=a.tokenizer or "", vocab_size=a.vocab_size, pattern=a.pattern,
+                          val_fraction=a.val_fraction, dedup=not a.no_dedup, near_threshold=a.threshold,
+                          min_chars=a.min_chars, max_docs=a.max_docs, decontaminate=a.decontaminate,
+                          drop_contaminated=a.drop_contaminated, overwrite=a.overwrite)
+    print(json.dumps(prepare(opts), indent=1))
+
+
+def cmd_dedup(a) -> None:
+    from scratchlm.atomic import write_text
+    from scratchlm.data.dedup import deduplicate
+    from scratchlm.data.sources import ReadOptions, iter_documents
+    docs = list(iter_documents(a.input, ReadOptions(text_field=a.text_field)))
+    if not docs:
+        raise UserError(f"no documents in {a.input}")
+    if Path(a.out).exists() and not a.overwrite:
+        raise UserError(f"{a.out} exists; pass --overwrite or choose another --out")
+    res = deduplicate([d.text for d in docs], threshold=a.threshold, num_perm=a.num_perm, ngram=a.ngram)
+    kept = [{"text": d.text, "source": d.source} for d, k in zip(docs, res.keep) if k]
+    write_text(a.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    report = {**res.report(), "clusters": [[docs[i].source for i in c] for c in res.clusters]}
+    write_text(Path(a.out).with_suffix(".report.json"), json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "clusters"}, indent=1))
+    for c in report["clusters"][:20]:
+        print("cluster:", " ~ ".join(c))
+
+
+def cmd_pretrain(a) -> None:
+    from scratchlm.config import load_config
+    from scratchlm.train.trainer import pretrain
+    cfg = load_config(a.config, a.overrides)
+    data = a.data or cfg.data.dataset_dir
+    if not data:
+        raise UserError("no dataset: give --data DIR (from `scratchlm prepare`) or set data.dataset_dir")
+    r = pretrain(cfg, data, resume=a.resume)
+    print(f"done: {r.step} steps, {r.tokens:,} tokens, {r.tokens_per_s:,.0f} tokens/s, stopped by {r.stopped_by}; "
+          f"run in {r.run_dir}")
+
+
+def cmd_eval(a) -> None:
+    from scratchlm.train.precision import autocast
+    from scratchlm.train.trainer import load_for_inference, save_json
+    model, tok, meta = load_for_inference(a.ckpt, device=a.device)
+    amp = autocast(next(model.parameters()).device, "fp32")
+    if a.task == "perplexity":
+        from scratchlm.data.shards import INDEX, load_split
+        from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
+        p = Path(a.data)
+        if (p / INDEX).exists():
+            import numpy as np
+            tokens = np.asarray(load_split(p, a.split))
+        elif p.exists():
+            tokens = tok.encode_ordinary(p.read_text(encoding="utf-8", errors="replace"))
+            import numpy as np
+            tokens = np.asarray(tokens, dtype=np.int64)
+        else:
+            raise UserError(f"{a.data} not found")
+        res = evaluate_tokens(model, tokens, token_byte_lengths(tok), stride=a.stride, autocast=amp)
+        out = res.to_dict()
+    else:
+        from scratchlm.eval.multiple_choice import score_items
+        from scratchlm.eval.tasks import LoadOptions, load_task
+        items = load_task(a.task, a.data, shots=a.shots, dev_dir=a.dev_dir, opts=LoadOptions(a.on_bad_record))
+        if a.limit:
+            items = items[:a.limit]
+        res, _ = score_items(model, tok, items, autocast=amp)
+        out = res.to_dict()
+        lo, hi = res.ci95()
+        print(f"{a.task}: acc {res.acc:.4f} (95% CI {lo:.3f}-{hi:.3f}), acc_norm {res.acc_norm:.4f}, "
+              f"random baseline {res.random_baseline:.3f}, n={res.n}")
+    run_dir = Path(meta["path"]).parent.parent
+    save_json(run_dir / f"eval_{a.task}.json", {"task": a.task, "data": a.data, **out})
+    print(json.dumps({k: v for k, v in out.items() if k != "per_subject"}, indent=1))
+
+
+def cmd_generate(a) -> None:
+    from scratchlm.generate import SamplingConfig, generate
+    from scratchlm.train.trainer import load_for_inference
+    model, tok, _ = load_for_inference(a.ckpt, device=a.device)
+    cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=0 if a.greedy else a.temperature,
+                         top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop)
+    prompts = a.prompt or [""]
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+        generate(model, tok, prompts[0], cfg, stream=True)
+    else:
+        for p, text in zip(prompts, generate(model, tok, prompts, cfg)):
+            print(f"--- {p!r}\n{p}{text}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizer, "
+                                     "model, training, evaluation, generation.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    p = sub.add_parser("quickstart", help="the whole pipeline on a built-in corpus, ending with a report",
+                       formatter_class=fmt)
+    p.add_argument("--corpus", default="builtin", help="builtin, or a PATH/dir/glob/URL (txt, jsonl, parquet)")
+    p.add_argument("--minutes", type=float, default=None, help="training time budget (default from the preset: 6)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps")
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    _add_set(p)
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("tokenizer", help="train, use and measure a byte-level BPE tokenizer", formatter_class=fmt)
+    tsub = p.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", help="train a tokenizer on a corpus", formatter_class=fmt)
+    t.add_argument("--input", required=True, help="corpus: file, dir, glob, URL, or builtin")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt2, gpt4 or a regex")
+    t.add_argument("--min-frequency", type=int, default=1, help="ignore chunks rarer than this")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--hf", action="store_true", help="also write a Hugging Face tokenizer.json")
+    t.add_argument("--out", required=True)
+    for name, helptext in (("encode", "text -> JSON ids"), ("decode", "JSON ids -> text"),
+                           ("stats", "bytes/token, chars/token, and the ratio to a character-level tokenizer")):
+        t = tsub.add_parser(name, help=helptext, formatter_class=fmt)
+        t.add_argument("--tokenizer", required=True, help="tokenizer directory")
+        t.add_argument("--input", default="-", help="file, or - for stdin")
+        if name == "encode":
+            t.add_argument("--allow-special", action="store_true", help="recognise <|special|> tokens in the text")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("prepare", help="corpus -> cleaned, deduplicated, tokenized train/val shards",
+                       formatter_class=fmt)
+    p.add_argument("--input", required=True, help="builtin, file, dir, glob, URL or hf:PATH")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", help="use this tokenizer instead of training one")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--pattern", default="gpt4")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--no-dedup", action="store_true")
+    p.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold")
+    p.add_argument("--min-chars", type=int, default=32)
+    p.add_argument("--max-docs", type=int, default=0)
+    p.add_argument("--decontaminate", nargs="*", default=[], help="eval files (MMLU CSV, HellaSwag, ARC, text)")
+    p.add_argument("--drop-contaminated", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH)", formatter_class=fmt)
+    p.add_argument("input")
+    p.add_argument("--out", required=True, help="JSONL of the kept documents (+ .report.json)")
+    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--num-perm", type=int, default=128)
+    p.add_argument("--ngram", type=int, default=5)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_dedup)
+
+    p = sub.add_parser("pretrain", help="train a GPT on prepared shards (torchrun for several processes)",
+                       formatter_class=fmt)
+    p.add_argument("--config", default="tiny", help="preset name or .toml path")
+    p.add_argument("--data", help="prepared dataset directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    _add_set(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC", formatter_class=fmt)
+    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc"])
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--data", required=True, help="text file or prepared dataset (perplexity); task file or dir")
+    p.add_argument("--split", default="val")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: context length)")
+    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--dev-dir", default=None, help="MMLU dev split for few-shot exemplars")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint", formatter_class=fmt)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", action="append", help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"scratchlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scratchlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

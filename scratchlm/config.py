@@ -1,0 +1,221 @@
+"""Configuration: one small dataclass per concern, loaded from TOML, overridable from the CLI.
+
+    cfg = load_config("configs/quickstart.toml", overrides=["train.lr=3e-4", "model.n_layers=2"])
+
+Unknown sections or keys, and values of the wrong type, are errors (a typo must not silently
+train the default). The effective config is saved with every run as `config.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scratchlm.errors import UserError
+from scratchlm.model.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"          # the run lives in out_dir/name
+    seed: int = 1337
+    device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "builtin"        # builtin | path | glob | directory | http(s) URL | hf:NAME
+    text_field: str = "text"       # for JSONL / parquet / datasets
+    dataset_dir: str = ""          # prepared shards; default: <run>/data
+    val_fraction: float = 0.05     # share of *documents* held out for validation
+    dedup: bool = True
+    near_dedup_threshold: float = 0.8
+    min_chars: int = 32
+    max_docs: int = 0              # 0 = all
+    max_chars: int = 0             # 0 = all; a cap on corpus size for quick runs
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    pattern: str = "gpt4"          # gpt2 | gpt4 | a regex
+    path: str = ""                 # an existing tokenizer directory to use instead of training
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16           # sequences per optimizer step, across all processes
+    grad_accum: int = 1            # micro-steps per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1      # final lr = lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"       # cosine | wsd | constant
+    decay_fraction: float = 0.2    # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int = 1000
+    max_tokens: int = 0            # 0 = no token budget
+    max_minutes: float = 0.0       # 0 = no time budget
+    precision: str = "auto"        # auto | fp32 | bf16
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_every: int = 0          # 0 = only at evals
+    sample_tokens: int = 48
+    checkpoint_every: int = 200
+    keep_last: int = 2
+    keep_best: bool = True
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    mc_limit: int = 100            # multiple-choice items per task in the quickstart report
+    prompts: list[str] = field(default_factory=lambda: [
+        "And God said,", "In the beginning", "The king of", "Blessed are the"])
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check (and for CLI strings, convert) a value against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False  # not bool("False"), which is True: a classic bug
+        raise UserError(f"{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be an integer, got {value!r}") from None
+        if f != int(f):
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be a number, got {value!r}") from None
+    if typ is str:
+        return str(value)
+    return value
+
+
+def _apply(section_obj: Any, section: str, values: dict) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(section_obj))
+            raise UserError(f"unknown config key {section}.{key}; known keys in [{section}]: {known}")
+        setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def apply_dict(cfg: Config, data: dict) -> Config:
+    for section, values in data.items():
+        if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+            names = ", ".join(f.name for f in dataclasses.fields(cfg))
+            raise UserError(f"unknown config section [{section}]; sections are: {names}")
+        if not isinstance(values, dict):
+            raise UserError(f"config section [{section}] must be a table of key = value")
+        _apply(getattr(cfg, section), section, values)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"bad --set {text!r}: write section.key=value, e.g. --set train.lr=3e-4")
+    key, value = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    return section, name, value.strip()
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    preset = CONFIG_DIR / f"{name_or_path}.toml"
+    if preset.exists():
+        return preset
+    if p.suffix == ".toml":
+        raise UserError(f"config file {p} not found")
+    names = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.toml")))
+    raise UserError(f"unknown preset {name_or_path!r}; presets are: {names} (or give a .toml path)")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path:
+        p = resolve_preset(str(path))
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {p} is not valid TOML: {e}") from None
+        apply_dict(cfg, data)
+    for text in overrides:
+        section, name, value = parse_override(text)
+        apply_dict(cfg, {section: {name: value}})
+    cfg.model.validate()
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'
+
+
+def to_toml(cfg: Config | dict) -> str:
+    d = to_dict(cfg) if isinstance(cfg, Config) else cfg
+    lines = []
+    for section, values in d.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_dict(data: dict) -> Config:
+    return apply_dict(Config(), data)

@@ -1,0 +1,191 @@
+"""The GPT: token embeddings + positions -> L pre-norm transformer blocks -> norm -> logits.
+
+    x = embed(tokens) (+ position embedding, unless RoPE rotates Q/K inside attention)
+    for each block:   x = x + attention(norm(x))      # tokens exchange information
+                      x = x + feed_forward(norm(x))   # each token thinks on its own
+    logits = lm_head(norm(x))                         # a score for every vocabulary entry
+
+Parameter names follow the Hugging Face Llama layout (embed_tokens, layers.N.attn_norm, ...,
+lm_head) so export is a rename, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scratchlm.errors import UserError
+from scratchlm.model.attention import CausalSelfAttention, KVCache, rope_tables
+from scratchlm.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain (no mean, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
+class FeedForward(nn.Module):
+    """GELU MLP (GPT-2): down(gelu(up(x))). SwiGLU (Llama): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.ffn == "swiglu"
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else F.gelu(self.up_proj(x), approximate="tanh")
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.ffn = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope=rope, mask=mask, cache=cache, layer=layer))
+        x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """The fixed positional encoding of "Attention Is All You Need"."""
+    pos = torch.arange(max_len).float()[:, None]
+    div = torch.exp(torch.arange(0, dim, 2).float() * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return table
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size < 1:
+            raise UserError("model.vocab_size is 0: set it, or let the tokenizer set it")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos_encoding == "learned":
+            self.pos_embed = nn.Embedding(cfg.context_length, cfg.d_model)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.context_length, cfg.d_model), persistent=False)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # input and output share one matrix
+        self.apply(self._init_weights)
+        # Residual projections add to the stream once per layer; scale them down so the
+        # stream's variance does not grow with depth (GPT-2's 1/sqrt(2L)).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, loss_mask: torch.Tensor | None = None):
+        """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets.
+
+        positions: (B, T) position ids (default 0..T-1, offset by the cache); mask: (B, 1, T, Tk)
+        boolean attention mask for padded batches; loss_mask: (B, T), 1 where the loss counts."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.context_length:
+            raise UserError(f"sequence of {start + T} tokens is longer than the context length "
+                            f"{self.cfg.context_length}; shorten it or raise model.context_length")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.cfg.pos_encoding == "learned":
+            x = x + self.pos_embed(positions)
+        elif self.cfg.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[positions]
+        else:
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        x = self.dropout(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope=rope, mask=mask, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]) if cache is not None else self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = lm_loss(logits, targets, loss_mask)
+        return logits, loss
+
+    # --- accounting ---------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.cfg.pos_encoding == "learned":
+            n -= self.pos_embed.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N (forward 2N + backward 4N) plus attention's
+        Q·Kᵀ and weights·V, 12 · layers · width · context (the PaLM appendix formula)."""
+        c = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.d_model * c.context_length
+
+    def memory_estimate(self, batch_size: int, bytes_per_act: int = 4) -> dict:
+        """Rough training memory: fp32 weights + grads + AdamW moments (16 B/param) plus
+        activations (~34·T·d + 5·H·T² values per layer per sequence, Korthikanti et al. 2022)."""
+        c = self.cfg
+        params = self.num_params()
+        act = batch_size * c.n_layers * (34 * c.context_length * c.d_model + 5 * c.n_heads * c.context_length ** 2)
+        act += batch_size * c.context_length * c.vocab_size * 2  # logits and their gradient
+        return {"params_bytes": params * 16, "activations_bytes": act * bytes_per_act,
+                "total_bytes": params * 16 + act * bytes_per_act}
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        c = self.cfg
+        p = next(self.parameters())
+        return KVCache(c.n_layers, batch, c.kv_heads, max_len or c.context_length, c.head_dim,
+                       device=p.device, dtype=dtype or p.dtype)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions that count (all, or where loss_mask is 1)."""
+    flat = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    if loss_mask is None:
+        return flat.mean()
+    m = loss_mask.reshape(-1).float()
+    return (flat * m).sum() / m.sum().clamp(min=1)

@@ -1,0 +1,164 @@
+"""`scratchlm quickstart`: the whole pipeline on one corpus, ending with a report.
+
+corpus -> clean + dedup -> BPE tokenizer (and how much it compresses) -> train/val shards
+       -> pretrain a small GPT (progress, evals, samples) -> val loss / perplexity / bits-per-byte,
+          a multiple-choice check, samples -> runs/quickstart/report.md
+
+Every stage is a library call a user can make alone; this file only strings them together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scratchlm.config import load_config, to_toml
+from scratchlm.data.prepare import PrepareOptions, prepare
+from scratchlm.data.shards import INDEX, load_split, read_index
+from scratchlm.errors import UserError
+from scratchlm.eval.cloze import build_cloze_items
+from scratchlm.eval.multiple_choice import score_items
+from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
+from scratchlm.generate import SamplingConfig, generate
+from scratchlm.report import plot_loss, table, write_report
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train import checkpoint as ckpt
+from scratchlm.train.precision import autocast
+from scratchlm.train.trainer import pretrain, save_json
+
+
+def compression_stats(tok: Tokenizer, passage: str) -> dict:
+    """A passage's length in characters, character-level tokens and BPE tokens."""
+    bpe = len(tok.encode_ordinary(passage))
+    chars = len(passage)
+    return {"characters": chars, "bytes": len(passage.encode("utf-8")), "char_level_tokens": chars,
+            "char_vocab": len(set(passage)), "bpe_tokens": bpe, "ratio": round(chars / max(bpe, 1), 2)}
+
+
+def val_documents(dataset_dir: Path, tok: Tokenizer) -> list[str]:
+    val = np.asarray(load_split(dataset_dir, "val"))
+    cuts = np.flatnonzero(val == tok.eot_id)
+    docs, start = [], 0
+    for c in cuts:
+        docs.append(tok.decode(val[start:c].tolist()))
+        start = c + 1
+    return [d for d in docs if d.strip()]
+
+
+def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: str = "runs/quickstart",
+                   overrides: list[str] = (), max_steps: int | None = None, log=print) -> Path:
+    out = Path(out)
+    if (out / "report.md").exists():
+        raise UserError(f"{out} already holds a finished quickstart (see {out / 'report.md'}); "
+                        f"choose another --out or delete that directory")
+    cfg = load_config("quickstart", list(overrides))
+    cfg.run.out_dir, cfg.run.name = str(out.parent), out.name
+    cfg.data.corpus = corpus
+    if minutes is not None:
+        cfg.train.max_minutes = minutes
+    if max_steps is not None:
+        cfg.train.max_steps = max_steps
+    timings: dict[str, float] = {}
+    t_all = time.time()
+
+    # 1-4: data, tokenizer, shards
+    dataset_dir = Path(cfg.data.dataset_dir) if cfg.data.dataset_dir else out / "data"
+    t = time.time()
+    if (dataset_dir / INDEX).exists():
+        log(f"[1/5] using the prepared dataset in {dataset_dir}")
+    else:
+        log(f"[1/5] preparing {corpus!r}: clean, deduplicate, train the tokenizer, write shards")
+        prepare(PrepareOptions(corpus=corpus, out=str(dataset_dir), text_field=cfg.data.text_field,
+                               vocab_size=cfg.tokenizer.vocab_size, pattern=cfg.tokenizer.pattern,
+                               tokenizer=cfg.tokenizer.path, val_fraction=cfg.data.val_fraction,
+                               dedup=cfg.data.dedup, near_threshold=cfg.data.near_dedup_threshold,
+                               min_chars=cfg.data.min_chars, max_docs=cfg.data.max_docs,
+                               max_chars=cfg.data.max_chars, seed=cfg.run.seed), log=lambda m: log("      " + m))
+    timings["prepare"] = time.time() - t
+    index = read_index(dataset_dir)
+    tok = Tokenizer.load(dataset_dir / "tokenizer")
+    docs = val_documents(dataset_dir, tok)
+    passage = (docs[0] if docs else tok.decode(load_split(dataset_dir, "train")[:400].tolist()))[:1000]
+    comp = compression_stats(tok, passage)
+    log(f"[2/5] tokenizer: a held-out passage of {comp['characters']} characters is {comp['char_level_tokens']} "
+        f"character-level tokens but {comp['bpe_tokens']} BPE tokens ({comp['ratio']}x shorter)")
+    if corpus not in ("builtin", "builtin:kjv") and docs:
+        cfg.eval.prompts = [" ".join(d.split()[:4]) for d in docs[:4] if d.split()]
+
+    # 5: pretrain
+    resume = bool(ckpt.list_checkpoints(out / "checkpoints"))
+    log(f"[3/5] pretraining ({'resuming' if resume else 'budget: '}"
+        f"{'' if resume else f'{cfg.train.max_minutes:g} min / {cfg.train.max_steps} steps'})")
+    t = time.time()
+    result = pretrain(cfg, dataset_dir, resume=resume, log=lambda m: log("      " + m))
+    timings["pretrain"] = time.time() - t
+
+    # 6: evaluate the final model on the whole validation split, sample, multiple choice
+    log("[4/5] evaluating")
+    t = time.time()
+    from scratchlm.train.trainer import load_for_inference
+    last = ckpt.latest_valid(out / "checkpoints", log=log)
+    model, tok, _ = load_for_inference(last)
+    device = next(model.parameters()).device
+    amp = autocast(device, result.precision)
+    val_tokens = load_split(dataset_dir, "val")
+    ppl = evaluate_tokens(model, val_tokens, token_byte_lengths(tok), stride=cfg.model.context_length // 2,
+                          max_windows=400, autocast=amp)
+    items = build_cloze_items(docs, n=cfg.eval.mc_limit, seed=cfg.run.seed)
+    mc = score_items(model, tok, items, autocast=amp)[0] if len(items) >= 10 else None
+    greedy = generate(model, tok, cfg.eval.prompts, SamplingConfig(max_new_tokens=48, temperature=0))
+    sampled = generate(model, tok, cfg.eval.prompts, SamplingConfig(max_new_tokens=48, temperature=0.8,
+                                                                    top_k=50, seed=cfg.run.seed))
+    timings["evaluate"] = time.time() - t
+    timings["total"] = time.time() - t_all
+
+    # 7: report
+    log("[5/5] writing the report")
+    results = {"val": ppl.to_dict(), "compression": comp, "multiple_choice": mc.to_dict() if mc else None,
+               "train": {"steps": result.step, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
+                         "stopped_by": result.stopped_by, "precision": result.precision, "device": result.device},
+               "timings_s": timings, "samples": {"greedy": dict(zip(cfg.eval.prompts, greedy)),
+                                                 "sampled": dict(zip(cfg.eval.prompts, sampled))}}
+    save_json(out / "results.json", results)
+    png = plot_loss(out / "metrics.jsonl", out / "loss.png")
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("type") == "eval"]
+    stats = index["stats"]
+    sections = [
+        ("Result", table([
+            ["validation loss (nats/token)", f"{ppl.loss:.4f}"],
+            ["validation perplexity", f"{ppl.perplexity:.2f}"],
+            ["validation bits per byte", f"{ppl.bits_per_byte:.4f}"],
+            ["multiple choice (held-out line endings, 4 choices)",
+             f"acc {mc.acc:.3f} (95% CI {mc.ci95()[0]:.3f}-{mc.ci95()[1]:.3f}), random {mc.random_baseline:.2f}, "
+             f"n={mc.n}" if mc else "not enough held-out text"],
+            ["optimizer steps / tokens seen", f"{result.step} / {result.tokens:,}"],
+            ["training speed", f"{result.tokens_per_s:,.0f} tokens/s ({result.precision}, {result.device})"],
+        ], ["metric", "value"])),
+        ("Data", table([
+            ["corpus", corpus],
+            ["documents read / kept after cleaning", f"{stats['clean']['docs_in']} / {stats['clean']['docs_out']}"],
+            ["duplicates removed (exact / near)",
+             f"{stats.get('dedup', {}).get('exact_duplicates', 0)} / {stats.get('dedup', {}).get('near_duplicates', 0)}"],
+            ["train / val tokens", f"{index['splits']['train']['tokens']:,} / {index['splits']['val']['tokens']:,}"],
+            ["train / val documents", f"{index['splits']['train']['documents']} / {index['splits']['val']['documents']}"],
+        ], ["", ""])),
+        ("Tokenizer", f"Byte-level BPE, {tok.vocab_size} tokens, trained on the training split.\n\n" + table([
+            ["characters", comp["characters"]], ["character-level tokens", comp["char_level_tokens"]],
+            ["BPE tokens", comp["bpe_tokens"]], ["characters per BPE token", comp["ratio"]],
+        ], ["held-out passage", "length"])),
+        ("Training", (f"![loss curve](loss.png)\n\n" if png else "") + table(
+            [[e["step"], f"{e['val_loss']:.4f}", f"{e['val_ppl']:.2f}", f"{e['val_bpb']:.4f}"] for e in evals],
+            ["step", "val loss", "val ppl", "val bits/byte"])),
+        ("Samples", "\n\n".join(f"**{p!r}** (greedy)\n```\n{p}{g}\n```\n**{p!r}** (temperature 0.8, top-k 50)\n"
+                                f"```\n{p}{s}\n```" for p, g, s in zip(cfg.eval.prompts, greedy, sampled))),
+        ("Timings", table([[k, f"{v:.1f} s"] for k, v in timings.items()], ["stage", "wall time"])),
+        ("Config", f"```toml\n{to_toml(cfg)}```"),
+    ]
+    path = write_report(out, "scratchlm quickstart report", sections)
+    log(f"val loss {ppl.loss:.4f} | perplexity {ppl.perplexity:.2f} | {ppl.bits_per_byte:.4f} bits/byte"
+        + (f" | multiple choice acc {mc.acc:.3f} (random {mc.random_baseline:.2f})" if mc else ""))
+    log(f"report: {path.resolve()}")
+    return path

@@ -1,0 +1,411 @@
+"""Byte-level BPE: training, a readable reference encoder, decoding, save/load.
+
+How it works, in four steps:
+
+1. Pre-tokenize. A regex (GPT-2's or GPT-4's) cuts text into chunks — words with their leading
+   space, runs of digits, punctuation, whitespace. Merges never cross a chunk boundary, so
+   " dog" and " dog." share tokens.
+2. Start from bytes. Every chunk is UTF-8 bytes, so ids 0..255 are the 256 byte values and any
+   string at all can be encoded: there is no "unknown" token.
+3. Train. Repeatedly find the most frequent adjacent pair of tokens across the corpus and make
+   it a new token. Each merge is one new id (256, 257, ...).
+4. Encode. Within a chunk, repeatedly merge the adjacent pair whose concatenation is the
+   *earliest learned* token, until no pair is a token. This is the rule tiktoken uses, which is
+   why our fast path (`scratchlm.tokenizer.fast`) can give the same ids.
+
+Special tokens (`<|endoftext|>`, chat roles) get ids after the merges and are never produced by
+merging; `encode` only recognises them in text when allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import multiprocessing as mp
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Collection, Iterable, Literal
+
+import regex
+
+from scratchlm.errors import UserError
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# Every run of scratchlm reserves these, so later stages (SFT chat format, padding) can rely on them.
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+FORMAT_NAME = "scratchlm-bpe"
+FORMAT_VERSION = 1
+FILE_NAME = "tokenizer.scratchlm.json"
+
+
+def _clean_text(text: str) -> str:
+    """Replace lone surrogates (not valid Unicode scalars, unencodable as UTF-8) with U+FFFD.
+
+    This is the one lossy step of encoding, and it is the same policy tiktoken follows.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def _count_batch(args: tuple[list[str], str]) -> Counter:
+    texts, pattern = args
+    compiled = regex.compile(pattern)
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(compiled.findall(_clean_text(text)))
+    return counts
+
+
+def _batched(texts: Iterable[str], batch_bytes: int) -> Iterable[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Counter:
+    """Count each distinct pre-token chunk once. Streams: memory grows with distinct chunks only."""
+    batches = ((b, pattern) for b in _batched(texts, 1 << 20))
+    if num_workers <= 1:
+        total: Counter = Counter()
+        for b in batches:
+            total.update(_count_batch(b))
+        return total
+    total = Counter()
+    with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(num_workers) as pool:
+        for counts in pool.imap_unordered(_count_batch, batches):
+            total.update(counts)
+    return total
+
+
+def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]]:
+    """The BPE training loop, incremental so it scales past toy corpora.
+
+    - Pair counts are kept for the whole corpus, and an index pair -> words that contain it.
+    - The next merge comes off a max-heap. Entries go stale as counts change; a popped entry
+      whose count is out of date is pushed back with the current count (lazy invalidation).
+      This is exact because counts of existing pairs only ever *fall*: a merge creates new pairs
+      (all containing the new token) and removes old ones.
+    - Only words that contain the merged pair are touched.
+    - Ties are broken deterministically: equal counts pick the smallest (left id, right id).
+    - A merge whose bytes already exist as a token (the same string reached by another split)
+      is skipped, so every token has unique bytes — required for tiktoken-style encoding.
+    """
+    words: list[list[int]] = []
+    freqs: list[int] = []
+    for chunk, freq in chunk_counts.items():
+        b = chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+        if len(b) > 1:
+            words.append(list(b))
+            freqs.append(freq)
+
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for wi, word in enumerate(words):
+        f = freqs[wi]
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += f
+            where[pair].add(wi)
+
+    heap = [(-c, p) for p, c in pair_counts.items()]
+    heapq.heapify(heap)
+    vocab_bytes = [bytes([i]) for i in range(256)]
+    known = set(vocab_bytes)
+    merges: list[tuple[int, int]] = []
+    banned: set[tuple[int, int]] = set()
+
+    while len(merges) < num_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count <= 0 or pair in banned:
+            continue
+        if count != -neg:  # stale entry: re-queue with the true (lower) count
+            heapq.heappush(heap, (-count, pair))
+            continue
+        new_bytes = vocab_bytes[pair[0]] + vocab_bytes[pair[1]]
+        if new_bytes in known:
+            banned.add(pair)
+            continue
+        new_id = len(vocab_bytes)
+        vocab_bytes.append(new_bytes)
+        known.add(new_bytes)
+        merges.append(pair)
+
+        a, b = pair
+        created: set[tuple[int, int]] = set()
+        for wi in where.pop(pair, ()):
+            # Merge in place, left to right, adjusting only the pairs around each occurrence.
+            # Reading the left neighbour from the already-merged word keeps "a b a b" right.
+            word = words[wi]
+            f = freqs[wi]
+            i = 0
+            while i < len(word) - 1:
+                if word[i] == a and word[i + 1] == b:
+                    if i > 0:
+                        left = word[i - 1]
+                        pair_counts[(left, a)] -= f
+                        p = (left, new_id)
+                        pair_counts[p] += f
+                        where[p].add(wi)
+                        created.add(p)
+                    if i + 2 < len(word):
+                        right = word[i + 2]
+                        pair_counts[(b, right)] -= f
+                        p = (new_id, right)
+                        pair_counts[p] += f
+                        where[p].add(wi)
+                        created.add(p)
+                    word[i:i + 2] = [new_id]
+                i += 1
+        pair_counts.pop(pair, None)
+        for p in created:
+            heapq.heappush(heap, (-pair_counts[p], p))
+    return merges
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer: merges + pre-tokenizer pattern + special tokens."""
+
+    def __init__(self, merges: list[tuple[int, int]], pattern: str = GPT4_PATTERN,
+                 special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS):
+        self.pattern = pattern
+        self.merges = [tuple(m) for m in merges]
+        self.vocab: list[bytes] = [bytes([i]) for i in range(256)]
+        for a, b in self.merges:
+            self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.rank = {tok: i for i, tok in enumerate(self.vocab)}
+        if len(self.rank) != len(self.vocab):
+            raise UserError("tokenizer has two tokens with the same bytes; retrain it with scratchlm")
+        n = len(self.vocab)
+        self.special_tokens: dict[str, int] = {s: n + i for i, s in enumerate(special_tokens)}
+        self._compiled = regex.compile(pattern)
+        self._special_re = (
+            regex.compile("|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)))
+            if self.special_tokens else None
+        )
+        self._cache: dict[str, list[int]] = {}
+        self._fast = None
+
+    # --- training -----------------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_PATTERN,
+              special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS, min_frequency: int = 1,
+              num_workers: int = 0) -> "Tokenizer":
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `texts` (any iterable)."""
+        pattern = PATTERNS.get(pattern, pattern)
+        num_merges = vocab_size - 256 - len(special_tokens)
+        if num_merges < 0:
+            raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
+                            f"256 + {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
+        counts = count_chunks(texts, pattern, num_workers=num_workers)
+        if min_frequency > 1:
+            counts = Counter({k: v for k, v in counts.items() if v >= min_frequency})
+        if not any(chunk.strip() for chunk in counts):
+            raise UserError("the tokenizer training corpus is empty (or only whitespace); give it some text")
+        merges = learn_merges(counts, num_merges)
+        return cls(merges, pattern=pattern, special_tokens=special_tokens)
+
+    # --- sizes and lookups --------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + len(self.special_tokens)
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens[ENDOFTEXT]
+
+    def token_to_id(self, token: str) -> int:
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        b = token.encode("utf-8")
+        if b not in self.rank:
+            raise KeyError(token)
+        return self.rank[b]
+
+    def id_to_token(self, i: int) -> str:
+        return self.decode([i])
+
+    # --- encoding: the readable reference path ------------------------------------------------
+    def _encode_chunk(self, chunk: bytes) -> list[int]:
+        if chunk in self.rank:  # whole chunk is a token (tiktoken takes this shortcut too)
+            return [self.rank[chunk]]
+        parts = [bytes([b]) for b in chunk]
+        while len(parts) > 1:
+            best_rank, best_i = None, -1
+            for i in range(len(parts) - 1):
+                r = self.rank.get(parts[i] + parts[i + 1])
+                if r is not None and (best_rank is None or r < best_rank):
+                    best_rank, best_i = r, i
+            if best_rank is None:
+                break
+            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        return [self.rank[p] for p in parts]
+
+    def encode_ordinary_python(self, text: str) -> list[int]:
+        """Pure-Python reference encoder; special-token strings are treated as plain text."""
+        ids: list[int] = []
+        for chunk in self._compiled.findall(_clean_text(text)):
+            cached = self._cache.get(chunk)
+            if cached is None:
+                cached = self._encode_chunk(chunk.encode("utf-8"))
+                if len(self._cache) < 200_000:
+                    self._cache[chunk] = cached
+            ids.extend(cached)
+        return ids
+
+    def _split_specials(self, text: str, allowed_special, disallowed_special):
+        """Yield (piece, special_id_or_None); raise on a disallowed special token."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        disallowed = (set(self.special_tokens) - allowed) if disallowed_special == "all" else set(disallowed_special)
+        if disallowed and self._special_re is not None:
+            m = regex.search("|".join(regex.escape(s) for s in disallowed), text)
+            if m:
+                raise UserError(f"the text contains the special token {m.group()!r}; pass allowed_special "
+                                "to encode it as a special token, or disallowed_special=() to treat it as text")
+        if not allowed:
+            yield text, None
+            return
+        pat = regex.compile("|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)))
+        start = 0
+        for m in pat.finditer(text):
+            yield text[start:m.start()], None
+            yield m.group(), self.special_tokens[m.group()]
+            start = m.end()
+        yield text[start:], None
+
+    def encode_python(self, text: str, allowed_special: Literal["all"] | Collection[str] = (),
+                      disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+        ids: list[int] = []
+        for piece, special in self._split_specials(text, allowed_special, disallowed_special):
+            if special is not None:
+                ids.append(special)
+            elif piece:
+                ids.extend(self.encode_ordinary_python(piece))
+        return ids
+
+    # --- encoding: the fast path (same ids, via tiktoken) -------------------------------------
+    @property
+    def fast(self):
+        if self._fast is None:
+            from scratchlm.tokenizer.fast import tiktoken_encoding
+            self._fast = tiktoken_encoding(self)
+        return self._fast
+
+    def encode(self, text: str, allowed_special: Literal["all"] | Collection[str] = (),
+               disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+        """Encode text to ids. A special-token string in the text raises unless allowed."""
+        # Check specials ourselves so the error is our one-line message, not tiktoken's.
+        next(iter(self._split_specials(text, allowed_special, disallowed_special)))
+        if allowed_special == "all" or allowed_special:
+            return self.fast.encode(_clean_text(text), allowed_special=allowed_special, disallowed_special=())
+        return self.fast.encode_ordinary(_clean_text(text))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode treating special-token strings as plain text (what the data pipeline uses)."""
+        return self.fast.encode_ordinary(_clean_text(text))
+
+    def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        """Encode many documents in parallel (tiktoken's threads release the GIL)."""
+        return self.fast.encode_ordinary_batch([_clean_text(t) for t in texts],
+                                               num_threads=num_threads or (os.cpu_count() or 1))
+
+    # --- decoding -----------------------------------------------------------------------------
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        inverse_special = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        n = len(self.vocab)
+        out = []
+        for i in ids:
+            i = int(i)
+            if 0 <= i < n:
+                out.append(self.vocab[i])
+            elif i in inverse_special:
+                out.append(inverse_special[i])
+            else:
+                raise UserError(f"token id {i} is outside this tokenizer's vocabulary (size {self.vocab_size})")
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Ids to text. A token sequence that ends mid-character (possible when generation stops
+        inside a multi-byte UTF-8 sequence) decodes that fragment as U+FFFD under the default
+        `errors="replace"`; use `decode_bytes` to stream raw bytes instead."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    # --- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "vocab_size": self.vocab_size,
+            "merges": [list(m) for m in self.merges],
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of everything that determines the ids: used to match data to models."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.scratchlm.json` (human-readable: one merge per line) atomically."""
+        from scratchlm.atomic import write_text
+        d = self.to_dict()
+        merges = d.pop("merges")
+        head = json.dumps(d, indent=1, ensure_ascii=False)[:-2]
+        lines = ",\n".join(f"  [{a}, {b}]" for a, b in merges)
+        text = head + ',\n "merges": [\n' + lines + "\n ]\n}\n"
+        path = Path(directory) / FILE_NAME
+        write_text(path, text)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        directory = Path(directory)
+        path = directory / FILE_NAME if directory.is_dir() else directory
+        if not path.exists():
+            raise UserError(f"no tokenizer at {path}; train one with `scratchlm tokenizer train`")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"tokenizer file {path} is corrupt ({e}); retrain it") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise UserError(f"{path} is not a scratchlm tokenizer file")
+        if d.get("version") != FORMAT_VERSION:
+            raise UserError(f"{path} has tokenizer format version {d.get('version')}, this scratchlm "
+                            f"reads version {FORMAT_VERSION}; retrain or upgrade scratchlm")
+        try:
+            specials = sorted(d["special_tokens"], key=d["special_tokens"].get)
+            tok = cls([tuple(m) for m in d["merges"]], pattern=d["pattern"], special_tokens=specials)
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise UserError(f"tokenizer file {path} is corrupt ({type(e).__name__}: {e}); retrain it") from None
+        if tok.vocab_size != d.get("vocab_size") or tok.special_tokens != d["special_tokens"]:
+            raise UserError(f"tokenizer file {path} is inconsistent (vocab size or special ids); retrain it")
+        return tok

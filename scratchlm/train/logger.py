@@ -1,0 +1,70 @@
+"""Progress on the terminal, metrics in a JSONL file (one JSON object per line)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from scratchlm.atomic import write_text
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records past the checkpoint, so the log reads as one clean run."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+class Progress:
+    """A one-line progress bar: step, loss, tokens/s, MFU, ETA. Plain lines when not a terminal."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=sys.stderr):
+        self.total, self.enabled, self.stream = total, enabled, stream
+        self.tty = stream.isatty()
+        self.start = time.time()
+
+    def update(self, step: int, loss: float, tok_s: float, mfu: float, lr: float, eta_s: float) -> None:
+        if not self.enabled:
+            return
+        frac = step / max(self.total, 1)
+        bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
+        line = (f"[{bar}] step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s "
+                f"MFU {mfu * 100:.1f}% ETA {format_seconds(eta_s)}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(110))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + " " * 110 + "\r")
+        self.stream.write(text + "\n")
+        self.stream.flush()

@@ -1,0 +1,153 @@
+import json
+from collections import Counter
+
+import pytest
+from scratchlm.errors import UserError
+from scratchlm.tokenizer import GPT2_PATTERN, Tokenizer
+from scratchlm.tokenizer.bpe import count_chunks, learn_merges
+
+TRICKY = [
+    "Hello, world! It's a test; we'll see 12345678 numbers.",
+    "héllo naïve café Ünïcödé — “quotes” ‘and’ …",
+    "日本語のテキスト 中文字符 한국어 текст на русском",
+    "emoji 🌍🚀👩‍👩‍👧‍👦 flags 🇬🇧 and 🤖",
+    "line\r\nwindows\r\n\r\nendings\n\n\n\ttabs\t\t  and   many      spaces     ",
+    "control \x00\x01\x07\x1b[31m chars \x7f",
+    "def f(x):\n    return x ** 2  # code\n\nclass A:\n\tpass\n",
+    "   leading and trailing   ",
+    "",
+    "a",
+    "<|endoftext|> is a special token",
+]
+
+
+def naive_bpe(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]]:
+    """The textbook O(merges x corpus) algorithm, as the ground truth for the fast trainer."""
+    words = {tuple(k.encode()): v for k, v in chunk_counts.items()}
+    vocab = [bytes([i]) for i in range(256)]
+    merges = []
+    while len(merges) < num_merges:
+        counts = Counter()
+        for w, f in words.items():
+            for p in zip(w, w[1:]):
+                counts[p] += f
+        best = None
+        for p, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            if vocab[p[0]] + vocab[p[1]] not in vocab:
+                best = p
+                break
+        if best is None:
+            break
+        new = len(vocab)
+        vocab.append(vocab[best[0]] + vocab[best[1]])
+        merges.append(best)
+        nw = {}
+        for w, f in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            nw[tuple(out)] = nw.get(tuple(out), 0) + f
+        words = nw
+    return merges
+
+
+def test_fast_trainer_equals_naive_bpe(shared):
+    text = (shared / "the-verdict.txt").read_text()
+    counts = count_chunks([text], GPT2_PATTERN)
+    assert learn_merges(counts, 300) == naive_bpe(counts, 300)
+
+
+def test_training_is_deterministic_and_parallel_counting_agrees(shared):
+    texts = [(shared / "tinyshakespeare.txt").read_text()[:200_000]]
+    a = Tokenizer.train(texts, 600, num_workers=0)
+    b = Tokenizer.train(texts, 600, num_workers=2)
+    assert a.merges == b.merges and a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_roundtrip_any_string(small_tokenizer, text):
+    ids = small_tokenizer.encode(text, disallowed_special=())
+    assert small_tokenizer.decode(ids) == text
+
+
+def test_lone_surrogates_are_replaced_documented_policy(small_tokenizer):
+    ids = small_tokenizer.encode("a\ud800b")
+    assert small_tokenizer.decode(ids) == "a\ufffdb"
+
+
+def test_partial_utf8_decodes_with_replacement(small_tokenizer):
+    ids = small_tokenizer.encode("🌍")
+    raw = small_tokenizer.decode_bytes(ids)
+    assert raw == "🌍".encode()
+    if len(ids) > 1:
+        assert "\ufffd" in small_tokenizer.decode(ids[:1])
+
+
+def test_reference_and_tiktoken_paths_agree(small_tokenizer, shared):
+    texts = TRICKY + [(shared / "wikitext2_valid.txt").read_text()[:50_000],
+                      (shared / "alpaca_seed_tasks.jsonl").read_text()[:30_000],
+                      open(__file__).read()]
+    for t in texts:
+        assert small_tokenizer.encode_python(t, allowed_special="all") == \
+            small_tokenizer.encode(t, allowed_special="all")
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_hf_export_gives_identical_ids(tmp_path, shared, pattern):
+    import tokenizers  # the test extra installs it: a missing peer is a failure, not a skip
+    from transformers import PreTrainedTokenizerFast
+
+    from scratchlm.tokenizer.hf_export import export_hf
+    tok = Tokenizer.train([(shared / "tinyshakespeare.txt").read_text()[:400_000]], 1500, pattern=pattern)
+    export_hf(tok, tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    texts = TRICKY + [(shared / "wikitext2_valid.txt").read_text()[:40_000], open(__file__).read()]
+    for t in texts:
+        ours = tok.encode(t, allowed_special="all")
+        assert hf.encode(t).ids == ours
+        assert fast(t)["input_ids"] == ours
+        assert hf.decode(ours, skip_special_tokens=False) == t
+
+
+def test_special_tokens_never_merged_and_only_when_allowed(small_tokenizer):
+    eot = small_tokenizer.eot_id
+    assert small_tokenizer.encode("a<|endoftext|>b", allowed_special="all").count(eot) == 1
+    assert eot not in small_tokenizer.encode("a<|endoftext|>b", disallowed_special=())
+    with pytest.raises(UserError, match="special token"):
+        small_tokenizer.encode("a<|endoftext|>b")
+    assert small_tokenizer.token_to_id("<|assistant|>") in small_tokenizer.special_tokens.values()
+    assert eot not in small_tokenizer.encode_ordinary("<|endoftext|>")
+
+
+def test_save_load_roundtrip_and_human_readable(tmp_path, small_tokenizer):
+    path = small_tokenizer.save(tmp_path)
+    text = path.read_text()
+    assert '"pattern"' in text and "\n  [" in text  # one merge per line
+    again = Tokenizer.load(tmp_path)
+    assert again.merges == small_tokenizer.merges and again.fingerprint == small_tokenizer.fingerprint
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="too small"):
+        Tokenizer.train(["hello"], 100)
+    with pytest.raises(UserError, match="empty"):
+        Tokenizer.train(["   \n\t  "], 300)
+    with pytest.raises(UserError, match="no tokenizer"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.scratchlm.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.scratchlm.json").write_text(json.dumps({"format": "scratchlm-bpe", "version": 99}))
+    with pytest.raises(UserError, match="version 99"):
+        Tokenizer.load(tmp_path)
+
+
+def test_compression_beats_char_level(small_tokenizer, shared):
+    text = (shared / "tinyshakespeare.txt").read_text()[-5000:]
+    assert len(small_tokenizer.encode(text)) < len(text) / 2.0  # ~2.3x at vocab 1024
