@@ -1,0 +1,216 @@
+"""Deduplication, exact and near: MinHash signatures + LSH banding, verified, clustered.
+
+Exact duplicates: the same text after lower-casing and collapsing whitespace has the same hash.
+
+Near duplicates (two editions of a book, a scraped page with a different footer):
+1. Shingles: each document becomes the set of its word 5-grams, each hashed to 32 bits.
+2. MinHash: apply `num_perm` random hash functions h_k(x) = (a_k * x + b_k) mod 2^64 >> 32
+   and keep the minimum of each over the shingles. For two documents, P[min equal] equals
+   their Jaccard similarity, so the share of equal signature rows estimates it. All of this is
+   one NumPy matrix per batch of documents.
+3. LSH: cut the signature into `bands` bands of `rows` rows; documents sharing any whole band
+   land in the same bucket and become candidate pairs. More bands, fewer rows = higher recall.
+4. Verify each candidate pair by its estimated Jaccard >= threshold (kills LSH false positives),
+   join verified pairs with union-find, keep the first document of each cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def exact_key(text: str) -> bytes:
+    return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
+
+
+def word_hashes(text: str, cache: dict[str, int]) -> np.ndarray:
+    """Deterministic 64-bit hash per word (crc32 of the word, spread by an odd multiplier)."""
+    out = []
+    for w in _WORD.findall(text.lower()):
+        h = cache.get(w)
+        if h is None:
+            h = zlib.crc32(w.encode("utf-8"))
+            if len(cache) < 2_000_000:
+                cache[w] = h
+        out.append(h)
+    return np.asarray(out, dtype=np.uint64)
+
+
+def ngram_hashes(words: np.ndarray, n: int) -> np.ndarray:
+    """Hash every window of n consecutive words into one 64-bit value (polynomial rolling hash)."""
+    if len(words) < n:
+        n = max(len(words), 1)
+        if len(words) == 0:
+            return np.zeros(0, dtype=np.uint64)
+    m = len(words) - n + 1
+    h = np.zeros(m, dtype=np.uint64)
+    mult = np.uint64(0x100000001B3)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            h = h * mult + words[k:k + m]
+    return h
+
+
+def optimal_bands(num_perm: int, threshold: float, target_recall: float = 0.995) -> tuple[int, int]:
+    """Most rows per band (fewest false candidates) that still catch pairs at `threshold` with
+    probability >= target_recall: P(candidate) = 1 - (1 - J^rows)^bands."""
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold ** rows) ** bands >= target_recall:
+            best = (bands, rows)
+    return best
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the earliest document is the root: it is kept
+
+
+@dataclass
+class MinHasher:
+    num_perm: int = 128
+    ngram: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        rng = np.random.default_rng(self.seed)
+        self.a = rng.integers(1, 2**63, size=self.num_perm, dtype=np.uint64) | np.uint64(1)
+        self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
+        self._cache: dict[str, int] = {}
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint32 signatures, computed for the batch in one matrix."""
+        shingles = [np.unique(ngram_hashes(word_hashes(t, self._cache), self.ngram) & _MASK32) for t in texts]
+        sizes = np.array([len(s) for s in shingles])
+        sig = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+        nonempty = sizes > 0
+        if not nonempty.any():
+            return sig
+        allsh = np.concatenate([s for s in shingles if len(s)])
+        with np.errstate(over="ignore"):
+            hv = ((allsh[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)).astype(np.uint32)
+        starts = np.concatenate([[0], np.cumsum(sizes[nonempty])[:-1]])
+        sig[nonempty] = np.minimum.reduceat(hv, starts, axis=0)
+        return sig
+
+
+@dataclass
+class DedupResult:
+    keep: list[bool]
+    exact_dups: int = 0
+    near_dups: int = 0
+    clusters: list[list[int]] = field(default_factory=list)  # near-dup clusters of size > 1
+    candidate_pairs: int = 0
+    verified_pairs: int = 0
+
+    def report(self) -> dict:
+        return {"documents": len(self.keep), "kept": sum(self.keep), "exact_duplicates": self.exact_dups,
+                "near_duplicates": self.near_dups, "near_dup_clusters": len(self.clusters),
+                "lsh_candidate_pairs": self.candidate_pairs, "verified_pairs": self.verified_pairs,
+                "largest_cluster": max((len(c) for c in self.clusters), default=0)}
+
+
+def lsh_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> set[tuple[int, int]]:
+    """Candidate pairs: documents whose signatures agree on every row of some band."""
+    pairs: set[tuple[int, int]] = set()
+    for band in range(bands):
+        block = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
+        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        if counts.max() < 2:
+            continue
+        order = np.argsort(inverse, kind="stable")
+        ends = np.cumsum(counts)
+        for g in np.flatnonzero(counts > 1):
+            members = order[ends[g] - counts[g]:ends[g]].tolist()
+            if len(members) <= max_bucket:
+                pairs.update((members[i], members[j]) for i in range(len(members)) for j in range(i + 1, len(members)))
+            else:  # a huge bucket: link all to its first member rather than O(n^2) pairs
+                pairs.update((members[0], m) for m in members[1:])
+    return pairs
+
+
+def deduplicate(texts: list[str], threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
+                bands: int = 0, rows: int = 0, exact: bool = True, near: bool = True, seed: int = 0,
+                batch: int = 2048, spill_dir: str | Path | None = None) -> DedupResult:
+    """Decide which documents to keep. `spill_dir` keeps signatures in a memory-mapped file."""
+    n = len(texts)
+    keep = [True] * n
+    result = DedupResult(keep=keep)
+    if exact:
+        seen: set[bytes] = set()
+        for i, t in enumerate(texts):
+            k = exact_key(t)
+            if k in seen:
+                keep[i] = False
+                result.exact_dups += 1
+            else:
+                seen.add(k)
+    if not near or n < 2:
+        return result
+    if not bands:
+        bands, rows = optimal_bands(num_perm, threshold)
+    live = [i for i in range(n) if keep[i]]
+    hasher = MinHasher(num_perm=num_perm, ngram=ngram, seed=seed)
+    if spill_dir:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        sig = np.lib.format.open_memmap(Path(spill_dir) / "signatures.npy", mode="w+",
+                                        dtype=np.uint32, shape=(len(live), num_perm))
+    else:
+        sig = np.empty((len(live), num_perm), dtype=np.uint32)
+    for s in range(0, len(live), batch):
+        sig[s:s + batch] = hasher.signatures([texts[i] for i in live[s:s + batch]])
+
+    pairs = lsh_pairs(sig, bands, rows)
+    result.candidate_pairs = len(pairs)
+    uf = UnionFind(len(live))
+    if pairs:
+        arr = np.array(sorted(pairs), dtype=np.int64)
+        est = np.empty(len(arr))
+        for s in range(0, len(arr), 65536):  # verify in chunks: estimated Jaccard per pair
+            a, b = arr[s:s + 65536, 0], arr[s:s + 65536, 1]
+            est[s:s + 65536] = (sig[a] == sig[b]).mean(axis=1)
+        verified = arr[est >= threshold]
+        result.verified_pairs = len(verified)
+        for a, b in verified.tolist():
+            uf.union(a, b)
+    groups: dict[int, list[int]] = {}
+    for j in range(len(live)):
+        groups.setdefault(uf.find(j), []).append(live[j])
+    for members in groups.values():
+        if len(members) > 1:
+            result.clusters.append(members)
+            for i in members[1:]:
+                keep[i] = False
+                result.near_dups += 1
+    return result
+
+
+def jaccard(a: str, b: str, ngram: int = 5) -> float:
+    """Exact Jaccard similarity of word n-gram sets (for tests and benchmarks)."""
+    def grams(t: str) -> set:
+        w = _WORD.findall(t.lower())
+        return {tuple(w[i:i + ngram]) for i in range(max(len(w) - ngram + 1, 1))}
+    A, B = grams(a), grams(b)
+    return len(A & B) / max(len(A | B), 1)

@@ -1,0 +1,217 @@
+"""Read documents from wherever the text lives. Everything is a stream of `Document`s.
+
+Supported: the built-in corpus, .txt/.md (one document per file), .jsonl/.json (a text field),
+.parquet (pyarrow), .gz/.zst compressed versions of those, directories and globs (recursively),
+http(s) URLs (downloaded to a cache, then read as a file), and Hugging Face `datasets` saved with
+`save_to_disk` (`hf:PATH`). Files are read one record at a time, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import os
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator
+
+from scratchlm.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+ALL_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"}
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # where it came from: "path", "path:line", "kjv:Genesis 1", ...
+
+
+@dataclass
+class ReadOptions:
+    text_field: str = "text"
+    on_bad_record: str = "stop"   # stop | skip
+    cache_dir: str = ""           # for URL downloads; default ~/.cache/scratchlm
+
+
+def _inner_suffix(path: Path) -> str:
+    s = path.suffixes
+    if s and s[-1] in (".gz", ".zst") and len(s) >= 2:
+        return s[-2]
+    return path.suffix
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError(f"{path} is zstd-compressed: pip install zstandard") from None
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+    return open(path, "rb")
+
+
+def _open_text(path: Path) -> IO[str]:
+    # utf-8-sig drops a byte-order mark; undecodable bytes become U+FFFD rather than a crash,
+    # and we count them so the user hears about it (see read_text_file).
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="replace", newline=None)
+
+
+def read_text_file(path: Path) -> Iterator[Document]:
+    with _open_text(path) as f:
+        text = f.read()
+    yield Document(text, str(path))
+
+
+def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Document]:
+    with _open_text(path) as f:
+        first = f.read(1)
+        while first and first.isspace():
+            first = f.read(1)
+        if first == "[":  # a JSON array of records
+            try:
+                records = json.loads(first + f.read())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: not valid JSON ({e})") from None
+            for i, rec in enumerate(records):
+                doc = _record_text(rec, path, i + 1, opts)
+                if doc is not None:
+                    yield doc
+            return
+        for lineno, line in enumerate(itertools.chain([first + f.readline()], f), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if opts.on_bad_record == "skip":
+                    continue
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix it or pass --on-bad-record skip") from None
+            doc = _record_text(rec, path, lineno, opts)
+            if doc is not None:
+                yield doc
+
+
+def _record_text(rec, path: Path, lineno: int, opts: ReadOptions) -> Document | None:
+    if isinstance(rec, dict) and isinstance(rec.get(opts.text_field), str):
+        return Document(rec[opts.text_field], f"{path}:{lineno}")
+    if opts.on_bad_record == "skip":
+        return None
+    keys = ", ".join(rec.keys()) if isinstance(rec, dict) else type(rec).__name__
+    raise UserError(f"{path}:{lineno}: no text field {opts.text_field!r} (found: {keys}); "
+                    f"choose it with --text-field or pass --on-bad-record skip")
+
+
+def read_parquet(path: Path, opts: ReadOptions) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path} is Parquet: pip install 'scratchlm[parquet]' (pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+    if opts.text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no column {opts.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                        "choose it with --text-field")
+    row = 0
+    for batch in pf.iter_batches(columns=[opts.text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if isinstance(text, str):
+                yield Document(text, f"{path}:{row}")
+
+
+def read_hf_dataset(spec: str, opts: ReadOptions) -> Iterator[Document]:
+    """A Hugging Face dataset saved with `save_to_disk`, or loaded by `datasets` from local files."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hf: corpora need the datasets package: pip install datasets") from None
+    path = spec[len("hf:"):]
+    if not Path(path).exists():
+        raise UserError(f"no saved Hugging Face dataset at {path} (scratchlm never downloads at run time; "
+                        "save one with dataset.save_to_disk(PATH))")
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if opts.text_field not in ds.column_names:
+        raise UserError(f"dataset {path} has no column {opts.text_field!r} (columns: {', '.join(ds.column_names)})")
+    for i, rec in enumerate(ds):
+        yield Document(rec[opts.text_field], f"{path}:{i}")
+
+
+def download(url: str, cache_dir: str = "") -> Path:
+    """Fetch a URL into the cache (once), atomically. Re-used on later runs."""
+    cache = Path(cache_dir or os.environ.get("SCRATCHLM_CACHE", Path.home() / ".cache" / "scratchlm"))
+    name = url.rstrip("/").split("/")[-1].split("?")[0] or "download"
+    target = cache / hashlib.sha256(url.encode()).hexdigest()[:12] / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as out:
+            shutil.copyfileobj(r, out, length=1 << 20)
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not download {url}: {e}") from None
+    return target
+
+
+def expand(corpus: str) -> list[Path]:
+    """A path, directory or glob to the list of readable files it names (sorted, deterministic)."""
+    p = Path(corpus)
+    if any(ch in corpus for ch in "*?["):
+        files = [Path(x) for x in sorted(globlib.glob(corpus, recursive=True))]
+    elif p.is_dir():
+        files = sorted(x for x in p.rglob("*") if x.is_file())
+    elif p.exists():
+        return [p]
+    else:
+        raise UserError(f"corpus {corpus} not found; give a file, directory, glob, URL or 'builtin'")
+    files = [f for f in files if _inner_suffix(f) in ALL_SUFFIXES and not f.name.startswith(".")]
+    if not files:
+        raise UserError(f"no readable text files in {corpus} (looked for {', '.join(sorted(ALL_SUFFIXES))}, "
+                        f"optionally .gz/.zst)")
+    return files
+
+
+def iter_documents(corpus: str, opts: ReadOptions | None = None) -> Iterator[Document]:
+    """Stream every document of a corpus spec."""
+    opts = opts or ReadOptions()
+    if corpus in ("builtin", "builtin:kjv"):
+        from scratchlm.data.builtin import iter_kjv_chapters
+        for source, text in iter_kjv_chapters():
+            yield Document(text, source)
+        return
+    if corpus.startswith("hf:"):
+        yield from read_hf_dataset(corpus, opts)
+        return
+    if corpus.startswith(("http://", "https://")):
+        files = [download(corpus, opts.cache_dir)]
+    else:
+        files = expand(corpus)
+    for path in files:
+        if not os.access(path, os.R_OK):
+            raise UserError(f"cannot read {path}: permission denied")
+        suffix = _inner_suffix(path)
+        try:
+            if suffix in JSON_SUFFIXES:
+                yield from read_jsonl(path, opts)
+            elif suffix == ".parquet":
+                yield from read_parquet(path, opts)
+            else:
+                yield from read_text_file(path)
+        except (OSError, EOFError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
