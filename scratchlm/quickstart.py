@@ -106,7 +106,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     amp = autocast(device, result.precision)
     val_tokens = load_split(dataset_dir, "val")
     ppl = evaluate_tokens(model, val_tokens, token_byte_lengths(tok), stride=cfg.model.context_length // 2,
-                          max_windows=400, autocast=amp)
+                          autocast=amp)
     items = build_cloze_items(docs, n=cfg.eval.mc_limit, seed=cfg.run.seed)
     mc = score_items(model, tok, items, autocast=amp)[0] if len(items) >= 10 else None
     greedy = generate(model, tok, cfg.eval.prompts, SamplingConfig(max_new_tokens=48, temperature=0))
