@@ -10,6 +10,16 @@ from pathlib import Path
 from scratchlm.errors import UserError
 
 
+class _Help(argparse.HelpFormatter):
+    """Show every option's default, including options without a help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
@@ -100,6 +110,8 @@ def cmd_pretrain(a) -> None:
     if not data:
         raise UserError("no dataset: give --data DIR (from `scratchlm prepare`) or set data.dataset_dir")
     r = pretrain(cfg, data, resume=a.resume)
+    from scratchlm.report import plot_loss
+    plot_loss(r.run_dir / "metrics.jsonl", r.run_dir / "loss.png")
     print(f"done: {r.step} steps, {r.tokens:,} tokens, {r.tokens_per_s:,.0f} tokens/s, stopped by {r.stopped_by}; "
           f"run in {r.run_dir}")
 
@@ -156,7 +168,7 @@ def cmd_generate(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Help
     parser = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizer, "
                                      "model, training, evaluation, generation.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)

@@ -32,17 +32,11 @@ def exact_key(text: str) -> bytes:
     return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
 
 
-def word_hashes(text: str, cache: dict[str, int]) -> np.ndarray:
-    """Deterministic 64-bit hash per word (crc32 of the word, spread by an odd multiplier)."""
-    out = []
-    for w in _WORD.findall(text.lower()):
-        h = cache.get(w)
-        if h is None:
-            h = zlib.crc32(w.encode("utf-8"))
-            if len(cache) < 2_000_000:
-                cache[w] = h
-        out.append(h)
-    return np.asarray(out, dtype=np.uint64)
+def word_hashes(text: str, cache: dict | None = None) -> np.ndarray:
+    """Deterministic hash per word: crc32 of its UTF-8 bytes (the same in every process and run,
+    unlike Python's salted hash()). Mapped in C, with no Python code per word."""
+    words = _WORD.findall(text.lower())
+    return np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))
 
 
 def ngram_hashes(words: np.ndarray, n: int) -> np.ndarray:
@@ -99,20 +93,60 @@ class MinHasher:
         self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
         self._cache: dict[str, int] = {}
 
-    def signatures(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), num_perm) uint32 signatures, computed for the batch in one matrix."""
-        shingles = [np.unique(ngram_hashes(word_hashes(t, self._cache), self.ngram) & _MASK32) for t in texts]
-        sizes = np.array([len(s) for s in shingles])
-        sig = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
-        nonempty = sizes > 0
-        if not nonempty.any():
-            return sig
-        allsh = np.concatenate([s for s in shingles if len(s)])
+    def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All documents' shingle hashes, concatenated, and how many belong to each document.
+
+        The rolling hash runs once over the whole batch's words; windows that straddle two
+        documents are dropped. A document shorter than `ngram` words is one shingle of all its words.
+        """
+        words = [word_hashes(t, self._cache) for t in texts]
+        lens = np.array([len(w) for w in words], dtype=np.int64)
+        n = self.ngram
+        if lens.sum() == 0:
+            return np.zeros(0, np.uint64), np.zeros(len(texts), np.int64)
+        allw = np.concatenate(words)
+        doc_end = np.repeat(np.cumsum(lens), lens)            # end offset of each word's document
+        grams = ngram_hashes(allw, n) if len(allw) >= n else np.zeros(0, np.uint64)
+        valid = np.arange(len(grams)) + n <= doc_end[:len(grams)]
+        grams = grams[valid]
+        sizes = np.maximum(lens - n + 1, 0)
+        short = (lens > 0) & (lens < n)
+        if short.any():  # rare: a document shorter than n words is one shingle of all its words
+            rebuilt, cursor = [], 0
+            for i in range(len(texts)):
+                if short[i]:
+                    rebuilt.append(ngram_hashes(words[i], len(words[i])))
+                else:
+                    rebuilt.append(grams[cursor:cursor + sizes[i]])
+                    cursor += sizes[i]
+            grams = np.concatenate(rebuilt)
+            sizes = np.where(short, 1, sizes)
+        return grams & _MASK32, sizes
+
+    def signatures(self, texts: list[str], chunk_rows: int = 65536) -> np.ndarray:
+        """(len(texts), num_perm) uint32 signatures.
+
+        h_k(x) = (a_k x + b_k) mod 2^64, keeping the top 32 bits. The shift is monotone, so we take
+        minima on the 64-bit values and shift once at the end. Shingles are processed in chunks of
+        `chunk_rows`, so memory stays bounded however long the documents are.
+        """
+        grams, sizes = self.shingle_hashes(texts)
+        sig = np.full((len(texts), self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+        doc_of = np.repeat(np.arange(len(texts)), sizes)
+        buf = np.empty((chunk_rows, self.num_perm), dtype=np.uint64)
         with np.errstate(over="ignore"):
-            hv = ((allsh[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)).astype(np.uint32)
-        starts = np.concatenate([[0], np.cumsum(sizes[nonempty])[:-1]])
-        sig[nonempty] = np.minimum.reduceat(hv, starts, axis=0)
-        return sig
+            for s in range(0, len(grams), chunk_rows):
+                e = min(s + chunk_rows, len(grams))
+                hv = buf[:e - s]
+                np.multiply(grams[s:e, None], self.a[None, :], out=hv)
+                hv += self.b
+                d = doc_of[s:e]
+                starts = np.flatnonzero(np.concatenate([[True], d[1:] != d[:-1]]))
+                docs = d[starts]  # distinct within a chunk, so the fancy assignment below is safe
+                sig[docs] = np.minimum(sig[docs], np.minimum.reduceat(hv, starts, axis=0))
+        out = (sig >> np.uint64(32)).astype(np.uint32)
+        out[sizes == 0] = np.iinfo(np.uint32).max
+        return out
 
 
 @dataclass

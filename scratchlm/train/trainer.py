@@ -178,6 +178,8 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = train_model
+    done_compiling = False
     if tc.compile:
         train_model = torch.compile(train_model)
 
@@ -221,8 +223,16 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                 sync = contextlib.nullcontext()
                 if info.enabled and micro < tc.grad_accum - 1:
                     sync = train_model.no_sync()  # accumulate locally; all-reduce on the last micro-step
-                with sync, amp:
-                    _, loss = train_model(x, y)
+                try:
+                    with sync, amp:
+                        _, loss = train_model(x, y)
+                except Exception as e:  # torch.compile needs a C++ toolchain; never let it kill a run
+                    if train_model is model or not tc.compile or done_compiling:
+                        raise
+                    say(f"torch.compile failed ({type(e).__name__}); continuing without it")
+                    train_model = ddp_model
+                    with sync, amp:
+                        _, loss = train_model(x, y)
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
@@ -231,6 +241,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            done_compiling = True
             state["step"] = step = step + 1
             state["tokens"] += tokens_per_step
             loss_val = all_reduce_mean(loss_sum / tc.grad_accum, info, device)
