@@ -14,7 +14,7 @@ class _Help(argparse.HelpFormatter):
     """Show every option's default, including options without a help text."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        text = "" if action.help == "-" else (action.help or "")
         if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
@@ -263,7 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+    _fill_help(parser)
     return parser
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    """argparse prints nothing (not even the default) for an option without help text."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = "-"
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _fill_help(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
