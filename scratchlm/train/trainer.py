@@ -207,7 +207,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
     last_eval: dict = {}
     t0 = time.time() - state["elapsed"]
     run_start_step = state["step"]
-    t_run = time.time()
+    t_run = t_step10 = time.time()
     model.train()
     with _StopFlag() as stop:
         while state["step"] < state["planned_steps"]:
@@ -252,10 +252,13 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
             tok_s = done_here * tokens_per_step / max(time.time() - t_run, 1e-9)
             mfu = tok_s * flops_per_token / peak
             # With a time budget, fix the planned length once we know the speed, so the LR
-            # schedule still ends where the run ends.
-            if tc.max_minutes and done_here == 10 and step < state["planned_steps"]:
+            # schedule still ends where the run ends. The speed is measured over steps 10-20,
+            # after warm-up (torch.compile, allocator), which would otherwise skew it.
+            if done_here == 10:
+                t_step10 = time.time()
+            if tc.max_minutes and done_here == 20 and step < state["planned_steps"]:
                 remaining = tc.max_minutes * 60 - elapsed
-                est = step + int(remaining / ((time.time() - t_run) / done_here) * 0.85)
+                est = step + int(remaining / ((time.time() - t_step10) / 10) * 0.9)
                 state["planned_steps"] = max(min(state["planned_steps"], est), step + 1)
                 progress.total = state["planned_steps"]
             if tc.max_tokens and state["tokens"] >= tc.max_tokens:
