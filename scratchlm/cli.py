@@ -124,14 +124,12 @@ def cmd_eval(a) -> None:
     if a.task == "perplexity":
         from scratchlm.data.shards import INDEX, load_split
         from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
+        import numpy as np
         p = Path(a.data)
         if (p / INDEX).exists():
-            import numpy as np
             tokens = np.asarray(load_split(p, a.split))
         elif p.exists():
-            tokens = tok.encode_ordinary(p.read_text(encoding="utf-8", errors="replace"))
-            import numpy as np
-            tokens = np.asarray(tokens, dtype=np.int64)
+            tokens = np.asarray(tok.encode_ordinary(p.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
         else:
             raise UserError(f"{a.data} not found")
         res = evaluate_tokens(model, tokens, token_byte_lengths(tok), stride=a.stride, autocast=amp)

@@ -28,10 +28,9 @@ class Decontaminator:
     def __init__(self, eval_sets: dict[str, list[str]], ngram: int = 13):
         """eval_sets: name -> list of texts (questions with their answers, passages...)."""
         self.ngram = ngram
-        self._cache: dict[str, int] = {}
         self.index: dict[str, np.ndarray] = {}
         for name, texts in eval_sets.items():
-            grams = [ngram_hashes(word_hashes(t, self._cache), ngram) for t in texts
+            grams = [ngram_hashes(word_hashes(t), ngram) for t in texts
                      if len(t.split()) >= ngram]
             self.index[name] = np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
 
@@ -39,7 +38,7 @@ class Decontaminator:
         report = ContaminationReport(ngram=self.ngram)
         stats = {name: {"docs_flagged": 0, "ngrams_matched": 0} for name in self.index}
         for i, doc in enumerate(docs):
-            words = word_hashes(doc, self._cache)
+            words = word_hashes(doc)
             if len(words) < self.ngram:
                 continue
             grams = np.unique(ngram_hashes(words, self.ngram))

@@ -32,7 +32,7 @@ def exact_key(text: str) -> bytes:
     return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
 
 
-def word_hashes(text: str, cache: dict | None = None) -> np.ndarray:
+def word_hashes(text: str) -> np.ndarray:
     """Deterministic hash per word: crc32 of its UTF-8 bytes (the same in every process and run,
     unlike Python's salted hash()). Mapped in C, with no Python code per word."""
     words = _WORD.findall(text.lower())
@@ -91,7 +91,6 @@ class MinHasher:
         rng = np.random.default_rng(self.seed)
         self.a = rng.integers(1, 2**63, size=self.num_perm, dtype=np.uint64) | np.uint64(1)
         self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
-        self._cache: dict[str, int] = {}
 
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All documents' shingle hashes, concatenated, and how many belong to each document.
@@ -99,7 +98,7 @@ class MinHasher:
         The rolling hash runs once over the whole batch's words; windows that straddle two
         documents are dropped. A document shorter than `ngram` words is one shingle of all its words.
         """
-        words = [word_hashes(t, self._cache) for t in texts]
+        words = [word_hashes(t) for t in texts]
         lens = np.array([len(w) for w in words], dtype=np.int64)
         n = self.ngram
         if lens.sum() == 0:
