@@ -69,18 +69,23 @@ def staged_dir(final: str | Path, *, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        fsync_tree(tmp)
-        if final.exists():
-            if not replace:
-                raise FileExistsError(f"{final} already exists")
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
+        publish_dir(tmp, final, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> None:
+    """fsync a completely written directory, then rename it to `final` (the commit point)."""
+    fsync_tree(tmp)
+    if final.exists():
+        if not replace:
+            raise FileExistsError(f"{final} already exists")
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)

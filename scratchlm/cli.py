@@ -110,6 +110,8 @@ def cmd_pretrain(a) -> None:
     if not data:
         raise UserError("no dataset: give --data DIR (from `scratchlm prepare`) or set data.dataset_dir")
     r = pretrain(cfg, data, resume=a.resume)
+    if not r.is_main:
+        return
     from scratchlm.report import plot_loss
     plot_loss(r.run_dir / "metrics.jsonl", r.run_dir / "loss.png")
     print(f"done: {r.step} steps, {r.tokens:,} tokens, {r.tokens_per_s:,.0f} tokens/s, stopped by {r.stopped_by}; "

@@ -67,9 +67,11 @@ class TrainConfig:
     max_minutes: float = 0.0       # 0 = no time budget
     precision: str = "auto"        # auto | fp32 | bf16
     compile: bool = False
+    parallel: str = "ddp"          # ddp | fsdp (only used under torchrun with several processes)
+    tensorboard: bool = False      # also write scalars for TensorBoard (pip install tensorboard)
     eval_every: int = 100
     eval_batches: int = 20
-    sample_every: int = 0          # 0 = only at evals
+    sample_every: int = 0          # log sample generations every N steps; 0 = only at evals
     sample_tokens: int = 48
     checkpoint_every: int = 200
     keep_last: int = 2

@@ -131,21 +131,125 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process(tmp_path, tiny_dataset):
-    """gloo, 2 ranks x 4 sequences == 1 rank x 8 sequences, with grad accumulation on both."""
-    sets = SMALL + ["train.max_steps=6", "train.grad_accum=2", "train.checkpoint_every=0", f"run.out_dir={tmp_path}"]
-    args = ["pretrain", "--config", "tiny", "--data", str(tiny_dataset)] + [x for s in sets for x in ("--set", s)]
-    single = cli(*args, "--set", "run.name=single")
-    assert single.returncode == 0, single.stderr
+PARALLEL = SMALL + ["train.max_steps=12", "train.grad_accum=2", "train.checkpoint_every=6", "train.keep_last=3"]
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "scratchlm", *args, "--set", "run.name=ddp"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        f"--master_port={_free_port()}", "-m", "scratchlm", *args],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def pretrain_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    sets = PARALLEL + [f"run.out_dir={out}", f"run.name={name}", *extra]
+    return ["pretrain", "--config", "tiny", "--data", str(data)] + [x for s in sets for x in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory, tiny_dataset) -> Path:
+    """The same 12 steps three ways: 1 process x 8 sequences; DDP and FSDP with 2 ranks x 4 (gloo),
+    all with gradient accumulation 2, checkpoints at steps 6 and 12."""
+    out = tmp_path_factory.mktemp("parallel")
+    r = cli(*pretrain_args(tiny_dataset, out, "single"))
+    assert r.returncode == 0, r.stderr
+    torchrun(*pretrain_args(tiny_dataset, out, "ddp"))
+    torchrun(*pretrain_args(tiny_dataset, out, "fsdp", "train.parallel=fsdp"))
+    return out
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
-    assert losses(tmp_path / "single") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
+
+
+def test_ddp_and_fsdp_two_processes_match_one_process(parallel_runs):
+    single = final_weights(parallel_runs / "single")
+    for name in ("ddp", "fsdp"):
+        assert_close_weights(single, final_weights(parallel_runs / name))
+        assert losses(parallel_runs / "single") == pytest.approx(losses(parallel_runs / name), abs=1e-4)
+    # FSDP really sharded: one DCP file per rank, plus the consolidated weights for inference
+    sharded = ckpt.list_checkpoints(parallel_runs / "fsdp" / "checkpoints")[-1] / ckpt.SHARDED
+    assert sorted(p.name for p in sharded.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert ckpt.validate(sharded.parent) is None
+
+
+def _resume_from_step_6(runs: Path, source: str, name: str) -> Path:
+    """A copy of `source` as it was at step 6 (its step-12 checkpoint and log lines gone)."""
+    import shutil
+    shutil.copytree(runs / source, runs / name)
+    shutil.rmtree(runs / name / "checkpoints" / "step_000012")
+    return runs / name
+
+
+def test_fsdp_resume_is_exact_and_reshards(parallel_runs, tiny_dataset):
+    fsdp = final_weights(parallel_runs / "fsdp")
+    # same world size: bit for bit
+    run = _resume_from_step_6(parallel_runs, "fsdp", "fsdp_again")
+    r = torchrun(*pretrain_args(tiny_dataset, parallel_runs, "fsdp_again", "train.parallel=fsdp"), "--resume")
+    assert "resumed from" in r.stdout
+    b = final_weights(run)
+    assert all(torch.equal(fsdp[k], b[k]) for k in fsdp)
+    assert losses(run) == losses(parallel_runs / "fsdp")
+    # 2 shards -> 1 process: DCP reshards the weights and AdamW moments
+    run = _resume_from_step_6(parallel_runs, "fsdp", "fsdp_to_one")
+    r = cli(*pretrain_args(tiny_dataset, parallel_runs, "fsdp_to_one", "train.parallel=fsdp"), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert_close_weights(fsdp, final_weights(run))
+    # a plain single-process checkpoint -> FSDP over 2 ranks
+    run = _resume_from_step_6(parallel_runs, "single", "one_to_fsdp")
+    torchrun(*pretrain_args(tiny_dataset, parallel_runs, "one_to_fsdp", "train.parallel=fsdp"), "--resume")
+    assert_close_weights(final_weights(parallel_runs / "single"), final_weights(run))
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_dataset, monkeypatch):
+    import errno
+    real_save = ckpt.save_file
+
+    def save_file_disk_full(tensors, filename, *a, **kw):
+        if "step_000006" in str(filename) or ".step_000006." in str(filename):
+            Path(filename).write_bytes(b"\0" * 100)  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, *a, **kw)
+
+    cfg = load_config("tiny", SMALL + ["train.max_steps=9", "train.checkpoint_every=3", "train.keep_last=5",
+                                       f"run.out_dir={tmp_path}", "run.name=r"])
+    monkeypatch.setattr(ckpt, "save_file", save_file_disk_full)
+    with pytest.raises(UserError) as e:
+        pretrain(cfg, tiny_dataset, quiet=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "step-6 checkpoint" in msg and "--resume" in msg
+    root = tmp_path / "r" / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step_000003"]  # no half-written step 6, no temp dir
+    assert ckpt.validate(root / "step_000003") is None
+    monkeypatch.setattr(ckpt, "save_file", real_save)  # space freed: resume goes on from step 3
+    result = pretrain(load_config("tiny", SMALL + ["train.max_steps=9", "train.checkpoint_every=3",
+                                                   "train.keep_last=5", f"run.out_dir={tmp_path}", "run.name=r"]),
+                      tiny_dataset, resume=True, quiet=True)
+    assert result.step == 9 and [r["step"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open())
+                                 if "loss" in r] == list(range(1, 10))
+
+
+def test_tensorboard_and_periodic_samples(tmp_path, tiny_dataset):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = load_config("tiny", SMALL + ["train.max_steps=6", "train.checkpoint_every=0", "train.eval_every=3",
+                                       "train.sample_every=2", "train.tensorboard=true",
+                                       f"run.out_dir={tmp_path}", "run.name=tb"])
+    pretrain(cfg, tiny_dataset, quiet=True)
+    run = tmp_path / "tb"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tb_loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in tb_loss] == list(range(1, 7))
+    assert [v for _, v in tb_loss] == pytest.approx(losses(run), rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/val_loss")] == [3, 6]
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    sampled = [r["step"] for r in records if r.get("type") == "samples"]
+    assert sampled == [2, 4]  # step 6 samples come with its evaluation
+    assert all(set(r["samples"]) == set(cfg.eval.prompts) for r in records if r.get("type") == "samples")
 
 
 def test_bad_configs(tmp_path, tiny_dataset):
@@ -164,12 +268,10 @@ def test_bad_configs(tmp_path, tiny_dataset):
     with pytest.raises(UserError, match="less than one context window"):
         pretrain(load_config("tiny", SMALL + ["model.context_length=10000000", f"run.out_dir={tmp_path}"]),
                  tiny_dataset)
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    if os.geteuid() != 0:  # root ignores permissions; then only check the message path exists
-        with pytest.raises(UserError, match="cannot write"):
-            pretrain(load_config("tiny", SMALL + [f"run.out_dir={ro}"]), tiny_dataset)
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("x")  # unwritable even for root, unlike a chmod-ed directory
+    with pytest.raises(UserError, match="cannot write to the run directory"):
+        pretrain(load_config("tiny", SMALL + [f"run.out_dir={not_a_dir}"]), tiny_dataset)
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):

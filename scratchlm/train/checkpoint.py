@@ -9,6 +9,13 @@
         manifest.json         sha256 of every file above — written last; a checkpoint without a
                               matching manifest is not a checkpoint
 
+An FSDP run (`train.parallel = "fsdp"`) writes, instead of optimizer.pt,
+        sharded/              model and AdamW state as torch.distributed.checkpoint (DCP) shards,
+                              one file per rank plus .metadata; DCP reshards on load, so a run
+                              saved by 8 ranks resumes on 4, on 16, or in one process
+and still a consolidated model.safetensors, so `generate`, `eval` and export read every
+checkpoint the same way. (The sharded directory must be on a filesystem every rank can see.)
+
 The directory is written as .step_000200.tmp, fsynced, and renamed: a kill at any moment leaves
 either the old set of checkpoints or the old set plus one complete new one.
 """
@@ -25,10 +32,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from scratchlm.atomic import staged_dir
+from scratchlm.atomic import publish_dir, staged_dir
 from scratchlm.errors import UserError
+from scratchlm.train.distributed import DistInfo, barrier
 
 MANIFEST = "manifest.json"
+SHARDED = "sharded"
 
 
 def _sha256(path: Path) -> str:
@@ -69,18 +78,52 @@ def set_rng_state(json_state: dict, torch_state: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict) -> Path:
+                    state: dict, info: DistInfo | None = None, sharded: bool = False) -> Path:
+    """Write checkpoint `step_{step}`. Plain runs call this on rank 0 only; sharded (FSDP) runs
+    on every rank, since each rank holds a piece of the weights."""
     final = Path(ckpt_root) / f"step_{step:06d}"
-    json_rng, torch_rng = rng_state()
-    with staged_dir(final, replace=True) as tmp:
-        save_file(model_state(model), str(tmp / "model.safetensors"))
+    if not sharded:
+        with staged_dir(final, replace=True) as tmp:
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _finish(tmp, model_state(model), state, step)
+        return final
+
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    info = info or DistInfo()
+    tmp = final.with_name(f".{final.name}.tmp")  # one name every rank can compute
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(info)
+    try:
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(torch_rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": json_rng}, indent=1))
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp_save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / SHARDED)
+        # Gather the full weights onto rank 0 (CPU), one tensor at a time, for inference.
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if info.is_main:
+            if model.cfg.tie_embeddings:
+                full.pop("lm_head.weight", None)
+            _finish(tmp, {k: v.contiguous() for k, v in full.items()}, state, step)
+            publish_dir(tmp, final, replace=True)
+    except BaseException:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(info)
     return final
+
+
+def _finish(tmp: Path, weights: dict[str, torch.Tensor], state: dict, step: int) -> None:
+    """Weights, RNG, state.json, and last the manifest of checksums over everything written."""
+    json_rng, torch_rng = rng_state()
+    save_file(weights, str(tmp / "model.safetensors"))
+    torch.save(torch_rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": json_rng}, indent=1))
+    files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
 def validate(ckpt: Path) -> str | None:
@@ -157,6 +200,41 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", weights_only=True, map_location="cpu"))
+
+
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path,
+                        sharded_model: bool = False) -> None:
+    """Weights and AdamW state from any checkpoint into any layout: a sharded checkpoint goes
+    through DCP, which reshards it to this run's world size (1 process included); a plain one
+    loads directly, or, into an FSDP model, as full tensors that each rank slices its shard from."""
+    import warnings
+
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    ckpt = Path(ckpt)
+    if (ckpt / SHARDED).is_dir():
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        both = {"model": model_sd, "optimizer": optim_sd}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp_load(both, checkpoint_id=ckpt / SHARDED)
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    elif not sharded_model:
+        load_model_weights(model, ckpt)
+        load_optimizer(optimizer, ckpt)
+    else:
+        # A plain optimizer state names parameters by position in its param groups; DCP's
+        # full-state format names them by their path in the model. Same order, so map one to the other.
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        plain = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        optim_sd = {"state": {order[i]: v for i, v in plain["state"].items()},
+                    "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in plain["param_groups"]]}
+        weights = load_file(str(ckpt / "model.safetensors"))
+        if model.cfg.tie_embeddings:
+            weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
 
 
 def load_rng(ckpt: Path, state: dict) -> None:

@@ -3,12 +3,20 @@
     torchrun --nproc_per_node=2 -m scratchlm pretrain --config ...
     torchrun --nnodes=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
              --nproc_per_node=8 -m scratchlm pretrain --config ...
+
+Two ways to spread one model over the processes (`train.parallel`):
+    ddp    every rank holds the whole model and optimizer; gradients are all-reduced.
+    fsdp   FSDP2 (`fully_shard`): each rank holds 1/world of every block's parameters, gradients
+           and AdamW moments; a block's weights are all-gathered just before it runs and freed
+           after. Same maths as DDP, a fraction of the memory, more communication.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,3 +68,43 @@ def all_reduce_mean(value: float, info: DistInfo, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / info.world_size
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: shard each transformer block on its own (so only one block is ever gathered in
+    full), then the root, which takes the embeddings, final norm and (tied) output head."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 kept it under _composable
+        from torch.distributed._composable.fsdp import fully_shard
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+@contextlib.contextmanager
+def skip_grad_sync(train_model: torch.nn.Module, parallel: str, skip: bool) -> Iterator[None]:
+    """Inner micro-steps of gradient accumulation: keep gradients local, communicate once on the
+    last micro-step (DDP `no_sync`; FSDP2 `set_requires_gradient_sync(False)`)."""
+    if not skip:
+        yield
+    elif parallel == "fsdp":
+        train_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            train_model.set_requires_gradient_sync(True)
+    else:
+        with train_model.no_sync():
+            yield
+
+
+def all_ranks_agree(value: int, info: DistInfo) -> bool:
+    """True when every rank holds the same integer (e.g. the step it resumed from)."""
+    if not info.enabled:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item() == -t[1].item()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from scratchlm.atomic import write_text
+from scratchlm.errors import UserError
 
 
 def format_seconds(s: float) -> str:
@@ -18,6 +19,7 @@ def format_seconds(s: float) -> str:
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
+        self.tb = None  # an optional TensorBoard SummaryWriter
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records past the checkpoint, so the log reads as one clean run."""
@@ -32,6 +34,27 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            group = "eval" if record.get("type") == "eval" else "train"
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{group}/{key}", value, record["step"])
+
+    def add_tensorboard(self, log_dir: Path, purge_step: int | None = None) -> None:
+        """Mirror every numeric metric to TensorBoard event files (the JSONL stays the record).
+        `purge_step` drops events a resumed run is about to redo, as the JSONL truncation does."""
+        if not self.enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        self.tb = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -2,7 +2,7 @@
 
 The story of one optimizer step:
     set the learning rate for this step
-    for each micro-batch: forward, loss / grad_accum, backward (DDP syncs only on the last one)
+    for each micro-batch: forward, loss / grad_accum, backward (DDP/FSDP sync only on the last one)
     clip the (already averaged) gradients, AdamW step, zero the gradients
     log; maybe checkpoint; then maybe evaluate and sample (after the checkpoint, so a crash in
     evaluation never loses training)
@@ -13,7 +13,6 @@ the checkpoint, so a resumed run continues bit for bit (on CPU) where the killed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +33,8 @@ from scratchlm.generate import SamplingConfig, generate
 from scratchlm.model import GPT
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.distributed import all_reduce_mean, barrier, setup, teardown
+from scratchlm.train.distributed import (all_ranks_agree, all_reduce_mean, barrier, setup, shard_model,
+                                         skip_grad_sync, teardown)
 from scratchlm.train.logger import MetricsLog, Progress
 from scratchlm.train.precision import autocast, measured_peak_flops, pick_device, pick_precision
 from scratchlm.train.schedule import lr_at
@@ -51,6 +51,7 @@ class TrainResult:
     stopped_by: str          # "steps" | "tokens" | "minutes" | "signal"
     precision: str
     device: str
+    is_main: bool = True     # rank 0 (or the only process): the one that reports
 
 
 def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.AdamW:
@@ -133,6 +134,9 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
     if len(train_tokens) < T + 1:
         raise UserError(f"the training split has {len(train_tokens)} tokens, less than one context window "
                         f"({T + 1}); use more data or a smaller model.context_length")
+    if tc.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"train.parallel={tc.parallel!r} is not one of ddp, fsdp")
+    sharded = info.enabled and tc.parallel == "fsdp"  # FSDP only means something with several ranks
     if tc.batch_size % (tc.grad_accum * info.world_size):
         raise UserError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum "
                         f"({tc.grad_accum}) x processes ({info.world_size})")
@@ -140,6 +144,8 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
     # --- model, optimizer, loader -------------------------------------------------------------
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = GPT(cfg.model).to(device)
+    if sharded:
+        shard_model(model)  # before the optimizer, which must see the sharded parameters
     optimizer = make_optimizer(model, tc, device)
     loader = RandomWindowLoader(train_tokens, tc.batch_size // tc.grad_accum, T, seed=cfg.run.seed,
                                 rank=info.rank, world_size=info.world_size)
@@ -162,23 +168,27 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                             f"resume with the original config or start a new run")
         if saved.get("tokenizer_fingerprint") != tok.fingerprint:
             raise UserError(f"cannot resume {run_dir}: the dataset's tokenizer differs from the checkpoint's")
-        ckpt.load_model_weights(model, start_ckpt)
-        ckpt.load_optimizer(optimizer, start_ckpt)
+        ckpt.load_training_state(model, optimizer, start_ckpt, sharded_model=sharded)
         loader.load_state_dict(saved["loader"])
         ckpt.load_rng(start_ckpt, saved)
         for k in ("step", "tokens", "planned_steps", "best_val_loss", "elapsed"):
             state[k] = saved[k]
         metrics.truncate_after(state["step"])
         say(f"resumed from {start_ckpt} at step {state['step']}")
+    if not all_ranks_agree(state["step"] if start_ckpt else -1, info):
+        raise UserError(f"the ranks found different checkpoints in {ckpt_root}; run.out_dir must be on a "
+                        f"filesystem that every node sees")
+    if tc.tensorboard:
+        metrics.add_tensorboard(run_dir / "tensorboard", purge_step=state["step"] + 1)
     if info.is_main:
         (run_dir / "config.toml").write_text(to_toml(cfg))
         tok.save(run_dir / "tokenizer")  # the run is self-contained: generate/eval need only it
 
     train_model = model
-    if info.enabled:
+    if info.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ddp_model = train_model
+    dist_model = train_model  # what `skip_grad_sync` talks to (compile wraps it below)
     done_compiling = False
     if tc.compile:
         train_model = torch.compile(train_model)
@@ -192,15 +202,26 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
         f"{cfg.model.d_model}, context {T}; device {device}, precision {precision}, "
         f"{info.world_size} process(es); {len(train_tokens):,} train tokens")
 
+    # Under FSDP every rank must take part in each forward pass (the weights are gathered from
+    # all of them), so evaluation and sampling run on every rank; only rank 0 reports.
+    evaluates = info.is_main or sharded
+
+    def samples() -> dict:
+        texts = generate(model, tok, cfg.eval.prompts, SamplingConfig(
+            max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=cfg.run.seed))
+        model.train()
+        return dict(zip(cfg.eval.prompts, texts))
+
     def run_eval(step: int) -> dict:
         res = evaluate_tokens(model, val_tokens if len(val_tokens) > T else train_tokens[-(T * 4 + 1):],
                               token_bytes, max_windows=tc.eval_batches * 8, autocast=autocast(device, precision))
         record = {"step": step, "val_loss": res.loss, "val_ppl": res.perplexity, "val_bpb": res.bits_per_byte}
-        samples = generate(model, tok, cfg.eval.prompts, SamplingConfig(
-            max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=cfg.run.seed))
-        record["samples"] = dict(zip(cfg.eval.prompts, samples))
-        model.train()
+        record["samples"] = samples()
         return record
+
+    def show_samples(texts: dict) -> None:
+        for prompt, text in texts.items():
+            progress.message(f"  {prompt!r} -> {(prompt + text)[:160]!r}")
 
     progress = Progress(state["planned_steps"], enabled=info.is_main and not quiet)
     stopped_by = "steps"
@@ -220,20 +241,20 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
             for micro in range(tc.grad_accum):
                 x, y = loader.next_batch()
                 x, y = x.to(device), y.to(device)
-                sync = contextlib.nullcontext()
-                if info.enabled and micro < tc.grad_accum - 1:
-                    sync = train_model.no_sync()  # accumulate locally; all-reduce on the last micro-step
-                try:
-                    with sync, amp:
-                        _, loss = train_model(x, y)
-                except Exception as e:  # torch.compile needs a C++ toolchain; never let it kill a run
-                    if train_model is model or not tc.compile or done_compiling:
-                        raise
-                    say(f"torch.compile failed ({type(e).__name__}); continuing without it")
-                    train_model = ddp_model
-                    with sync, amp:
-                        _, loss = train_model(x, y)
-                (loss / tc.grad_accum).backward()
+                # accumulate locally; all-reduce (DDP) / reduce-scatter (FSDP) on the last micro-step
+                sync = skip_grad_sync(dist_model, tc.parallel, skip=info.enabled and micro < tc.grad_accum - 1)
+                with sync:
+                    try:
+                        with amp:
+                            _, loss = train_model(x, y)
+                    except Exception as e:  # torch.compile needs a C++ toolchain; never let it kill a run
+                        if train_model is dist_model or done_compiling:
+                            raise
+                        say(f"torch.compile failed ({type(e).__name__}); continuing without it")
+                        train_model = dist_model
+                        with amp:
+                            _, loss = train_model(x, y)
+                    (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
                 raise UserError(f"loss became {loss_sum} at step {step}; lower train.lr or check the data")
@@ -274,35 +295,53 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                 progress.update(step, loss_val, tok_s, mfu, lr, eta)
 
             final = step >= state["planned_steps"] or stopped_by == "signal"
-            if info.is_main and (final or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
-                saved_at = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, {
+            if (info.is_main or sharded) and (final or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
+                saved_at = _save(ckpt_root, step, model, optimizer, {
                     **state, "loader": loader.state_dict(), "model": model_fingerprint(cfg),
-                    "tokenizer_fingerprint": tok.fingerprint, "config": dataclasses.asdict(cfg)})
-                ckpt.prune(ckpt_root, tc.keep_last, protect=saved_at)
+                    "tokenizer_fingerprint": tok.fingerprint, "config": dataclasses.asdict(cfg)}, info, sharded)
+                if info.is_main:
+                    ckpt.prune(ckpt_root, tc.keep_last, protect=saved_at)
             barrier(info)
             if stopped_by == "signal":
                 progress.message(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
                 break
-            if info.is_main and (final or (tc.eval_every and step % tc.eval_every == 0)):
+            if evaluates and (final or (tc.eval_every and step % tc.eval_every == 0)):
                 last_eval = run_eval(step)
                 metrics.write({"type": "eval", **last_eval})
                 progress.message(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl "
                                  f"{last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte")
-                for prompt, text in last_eval["samples"].items():
-                    progress.message(f"  {prompt!r} -> {(prompt + text)[:160]!r}")
+                show_samples(last_eval["samples"])
                 if tc.keep_best and last_eval["val_loss"] < state["best_val_loss"]:
                     state["best_val_loss"] = last_eval["val_loss"]
-                    ckpt.save_checkpoint(run_dir / "best", 0, model, None, {
+                    _save(run_dir / "best", 0, model, None, {
                         **state, "model": model_fingerprint(cfg), "tokenizer_fingerprint": tok.fingerprint,
-                        "config": dataclasses.asdict(cfg), "val_loss": last_eval["val_loss"], "from_step": step})
+                        "config": dataclasses.asdict(cfg), "val_loss": last_eval["val_loss"], "from_step": step},
+                        info, sharded)
+            elif evaluates and tc.sample_every and step % tc.sample_every == 0:
+                texts = samples()
+                metrics.write({"type": "samples", "step": step, "samples": texts})
+                progress.message(f"step {step} samples:")
+                show_samples(texts)
             barrier(info)
 
     seconds = time.time() - t_run
     trained = state["step"] - run_start_step
+    metrics.close()
     teardown(info)
     return TrainResult(run_dir=run_dir, step=state["step"], tokens=state["tokens"], seconds=seconds,
                        tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), final_eval=last_eval,
-                       stopped_by=stopped_by, precision=precision, device=str(device))
+                       stopped_by=stopped_by, precision=precision, device=str(device),
+                       is_main=info.is_main)
+
+
+def _save(root: Path, step: int, model: GPT, optimizer, state: dict, info, sharded: bool) -> Path:
+    """A checkpoint, or one clear line if the disk is full or the directory unwritable. The
+    checkpoint is staged and renamed, so a failed save leaves the earlier ones as they were."""
+    try:
+        return ckpt.save_checkpoint(root, step, model, optimizer, state, info=info, sharded=sharded)
+    except OSError as e:
+        raise UserError(f"could not save the step-{step} checkpoint in {root} ({e.strerror or e}); earlier "
+                        f"checkpoints are intact: free some space, then continue with --resume") from None
 
 
 def load_for_inference(ckpt_dir: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer, dict]:
