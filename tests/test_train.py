@@ -282,3 +282,28 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     r = cli("pretrain", "--config", "nope")
     assert r.returncode == 2 and "unknown preset" in r.stderr
     assert not (tmp_path / "q" / "report.md").exists()
+
+
+def test_sharded_checkpoint_metadata_cannot_run_code(parallel_runs, tmp_path):
+    """DCP keeps its .metadata as a pickle; ours is read with an allow-list, so a planted object fails."""
+    import pickle
+    import shutil
+    from scratchlm.config import load_config
+    from scratchlm.model import GPT
+    from scratchlm.train.trainer import make_optimizer
+    src = ckpt.list_checkpoints(parallel_runs / "fsdp" / "checkpoints")[-1]
+    bad = tmp_path / "step_000012"
+    shutil.copytree(src, bad)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (bad / ckpt.SHARDED / ".metadata").write_bytes(pickle.dumps(Payload()))
+    cfg = load_config("tiny", PARALLEL)
+    cfg.model.vocab_size = json.loads((src / "state.json").read_text())["model"]["vocab_size"]
+    model = GPT(cfg.model)
+    with pytest.raises(UserError, match="refusing to load"):
+        ckpt.load_training_state(model, make_optimizer(model, cfg.train, torch.device("cpu")), bad)
+    assert not marker.exists()

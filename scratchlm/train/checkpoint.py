@@ -215,9 +215,15 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if (ckpt / SHARDED).is_dir():
         model_sd, optim_sd = get_state_dict(model, optimizer)
         both = {"model": model_sd, "optimizer": optim_sd}
+        reader = _safe_reader(ckpt / SHARDED)
+        reader.read_metadata()  # check it here, where a refusal is one clear line, not a DCP traceback
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp_load(both, checkpoint_id=ckpt / SHARDED)
+            try:
+                dcp_load(both, storage_reader=reader)
+            except Exception as e:  # DCP gathers errors from all ranks into one long exception
+                raise UserError(f"cannot load the sharded checkpoint {ckpt}: {str(e).splitlines()[-1][:300]}; "
+                                f"use an earlier checkpoint") from None
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     elif not sharded_model:
         load_model_weights(model, ckpt)
@@ -239,3 +245,37 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 def load_rng(ckpt: Path, state: dict) -> None:
     set_rng_state(state["rng"], torch.load(Path(ckpt) / "rng.pt", weights_only=True))
+
+
+def _safe_reader(path: Path):
+    """DCP's FileSystemReader, except that its .metadata (a pickle) may only hold DCP's own
+    metadata classes, torch sizes/dtypes/layouts and paths: no arbitrary objects, so no code
+    runs from a checkpoint file (the tensors themselves DCP loads with weights_only=True)."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    allowed_modules = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    allowed = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            obj = super().find_class(module, name) if module.startswith("torch") or (module, name) in allowed else None
+            if ((module, name) in allowed or isinstance(obj, torch.dtype)
+                    or (module in allowed_modules and isinstance(obj, type))):
+                return obj
+            raise UserError(f"{path}/.metadata holds a {module}.{name} object, which a checkpoint never "
+                            f"contains; refusing to load it (is this file from a trusted run?)")
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with Unpickler for pickle.load
+            from torch.distributed.checkpoint.metadata import StorageMeta
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                metadata = Unpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
