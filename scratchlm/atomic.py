@@ -28,6 +28,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_permissions(path: Path) -> None:
+    """Temporary files and dirs are created private (0600/0700); give the published result the
+    permissions an ordinary file would have, so teammates and other jobs can read checkpoints."""
+    mask = _umask()
+    if path.is_dir():
+        for dirpath, dirnames, filenames in os.walk(path):
+            os.chmod(dirpath, 0o777 & ~mask)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +56,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _usual_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -77,6 +97,7 @@ def staged_dir(final: str | Path, *, replace: bool = False) -> Iterator[Path]:
 
 def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> None:
     """fsync a completely written directory, then rename it to `final` (the commit point)."""
+    _usual_permissions(tmp)
     fsync_tree(tmp)
     if final.exists():
         if not replace:

@@ -91,10 +91,17 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path, tiny_datas
 def test_checkpoint_every_n_not_every_step(tmp_path, tiny_dataset):
     cfg = load_config("tiny", SMALL + ["train.max_steps=7", "train.checkpoint_every=3", "train.keep_last=10",
                                        f"run.out_dir={tmp_path}", "run.name=r"])
+    mask = os.umask(0o022)
+    os.umask(mask)
     pretrain(cfg, tiny_dataset, log=lambda *_: None, quiet=True)
     names = [c.name for c in ckpt.list_checkpoints(tmp_path / "r" / "checkpoints")]
     assert names == ["step_000003", "step_000006", "step_000007"]
     assert all(ckpt.validate(c) is None for c in ckpt.list_checkpoints(tmp_path / "r" / "checkpoints"))
+    # staged in private temp dirs, published with ordinary permissions (here umask 022)
+    last = ckpt.list_checkpoints(tmp_path / "r" / "checkpoints")[-1]
+    assert last.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (last / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "r" / "tokenizer" / "tokenizer.scratchlm.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_resume_with_other_shape_refused_and_rerun_refused(tmp_path, tiny_dataset):
