@@ -14,7 +14,7 @@ SHAPES = {
     "tiny": dict(vocab=10000, layers=4, heads=4, width=256, ff=1024, ctx=256, batch=32),
     "small": dict(vocab=50304, layers=6, heads=6, width=384, ff=1536, ctx=256, batch=16),
 }
-STEPS = 4
+ROUNDS, STEPS = 3, 2  # best of 3 rounds of 2 steps, the implementations alternating within a round
 
 
 def ours(s: dict) -> GPT:
@@ -36,7 +36,8 @@ def _accepts_attn() -> bool:
     return "attn_implementation" in inspect.signature(GPT2LMHeadModel.__init__).parameters
 
 
-def tokens_per_s(model, s: dict, bf16: bool, compile_: bool, is_hf: bool) -> tuple[float, float]:
+def make_step(model, s: dict, bf16: bool, compile_: bool, is_hf: bool):
+    """One training step as a function, already warmed up (and compiled); returns (step, warm-up s)."""
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if compile_ else model
@@ -51,11 +52,7 @@ def tokens_per_s(model, s: dict, bf16: bool, compile_: bool, is_hf: bool) -> tup
     t = time.perf_counter()
     step()
     step()  # warm-up (and compilation)
-    warm = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(STEPS):
-        step()
-    return STEPS * s["batch"] * s["ctx"] / (time.perf_counter() - t), warm
+    return step, time.perf_counter() - t
 
 
 def run() -> str:
@@ -65,20 +62,31 @@ def run() -> str:
     rows = []
     for name, s in SHAPES.items():
         flops = ours(s).flops_per_token()
-        res = {}
+        steps, warm = {}, {}
         for label, builder, bf16, comp, is_hf in [
             ("HF fp32", hf, False, False, True), ("HF bf16", hf, True, False, True),
-            ("ours fp32", ours, False, False, False), ("ours bf16", ours, True, False, False),
-            ("ours bf16 + compile", ours, True, True, False)]:
-            res[label] = tokens_per_s(builder(s), s, bf16, comp, is_hf)
-        hf_best = max(res["HF fp32"][0], res["HF bf16"][0])
-        for label, (tps, warm) in res.items():
+            ("HF bf16 + compile", hf, True, True, True), ("ours fp32", ours, False, False, False),
+            ("ours bf16", ours, True, False, False), ("ours bf16 + compile", ours, True, True, False)]:
+            steps[label], warm[label] = make_step(builder(s), s, bf16, comp, is_hf)
+        # Alternate the implementations and keep each one's best round: on a shared machine a
+        # noisy neighbour then slows everyone alike instead of whoever was running.
+        best = dict.fromkeys(steps, 0.0)
+        for _ in range(ROUNDS):
+            for label, step in steps.items():
+                t = time.perf_counter()
+                for _ in range(STEPS):
+                    step()
+                best[label] = max(best[label], STEPS * s["batch"] * s["ctx"] / (time.perf_counter() - t))
+        res = {label: (best[label], warm[label]) for label in steps}
+        hf_best = max(v[0] for k, v in res.items() if k.startswith("HF"))
+        for label, (tps, warm_s) in res.items():
             p = peak if "bf16" in label else peak32
-            rows.append([name, label, f"{tps:,.0f}", f"{tps * flops / p * 100:.1f}%", f"{warm:.1f}",
+            rows.append([name, label, f"{tps:,.0f}", f"{tps * flops / p * 100:.1f}%", f"{warm_s:.1f}",
                          f"{tps / hf_best:.2f}x"])
     return ("### Training step: tokens/s (forward + backward + AdamW), same shape as HF GPT2LMHeadModel (sdpa)\n\n"
             f"Measured matmul peak here: bf16 {peak / 1e9:,.0f} GFLOP/s, fp32 {peak32 / 1e9:,.0f} GFLOP/s "
-            "(MFU is against the peak of the precision used). Goal: >= 2x HF's best.\n\n"
+            "(MFU is against the peak of the precision used). Both sides also under `torch.compile`; best of 3 alternating rounds. "
+            "Goal: >= 2x HF's best.\n\n"
             + md_table(["shape", "implementation", "tokens/s", "MFU", "warm-up s", "vs HF best"], rows))
 
 
