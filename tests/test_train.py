@@ -314,3 +314,27 @@ def test_sharded_checkpoint_metadata_cannot_run_code(parallel_runs, tmp_path):
     with pytest.raises(UserError, match="refusing to load"):
         ckpt.load_training_state(model, make_optimizer(model, cfg.train, torch.device("cpu")), bad)
     assert not marker.exists()
+
+
+def test_ddp_sigterm_to_one_rank_stops_all_at_the_same_step(tmp_path, tiny_dataset):
+    """A signal reaching one worker only (a pre-empted node) must not leave the others waiting
+    in an all-reduce forever: every rank stops after the same step, one checkpoint, exit 0."""
+    args = pretrain_args(tiny_dataset, tmp_path, "sig", "train.max_steps=100000", "train.checkpoint_every=0")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={_free_port()}", "-m", "scratchlm", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = tmp_path / "sig"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 5):
+        time.sleep(0.05)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    rank1 = [int(p) for p in workers if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()
+             and b"LOCAL_RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in err
+    (last,) = ckpt.list_checkpoints(run / "checkpoints")
+    assert ckpt.validate(last) is None and int(last.name.split("_")[1]) == len(losses(run))

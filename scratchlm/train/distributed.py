@@ -108,3 +108,21 @@ def all_ranks_agree(value: int, info: DistInfo) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t[0].item() == -t[1].item()
+
+
+STOP_REASONS = ("steps", "tokens", "minutes", "signal")
+
+
+def agree_on_stop(planned_steps: int, stopped_by: str, info: DistInfo) -> tuple[int, str]:
+    """Every rank must stop at the same step, or the others wait for it forever: rank 0's plan
+    and clock decide (each rank's own clock differs a little), and a signal seen by any rank
+    stops them all. One small all-reduce per step."""
+    if not info.enabled:
+        return planned_steps, stopped_by
+    mine = [planned_steps, STOP_REASONS.index(stopped_by)] if info.is_main else [0, 0]
+    t = torch.tensor(mine + [int(stopped_by == "signal")], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    planned, reason, signals = t.tolist()
+    return planned, "signal" if signals else STOP_REASONS[reason]

@@ -33,8 +33,8 @@ from scratchlm.generate import SamplingConfig, generate
 from scratchlm.model import GPT
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.distributed import (all_ranks_agree, all_reduce_mean, barrier, setup, shard_model,
-                                         skip_grad_sync, teardown)
+from scratchlm.train.distributed import (agree_on_stop, all_ranks_agree, all_reduce_mean, barrier, setup,
+                                         shard_model, skip_grad_sync, teardown)
 from scratchlm.train.logger import MetricsLog, Progress
 from scratchlm.train.precision import autocast, measured_peak_flops, pick_device, pick_precision
 from scratchlm.train.schedule import lr_at
@@ -229,6 +229,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
     t0 = time.time() - state["elapsed"]
     run_start_step = state["step"]
     t_run = t_step10 = time.time()
+    interval = None  # (time, step) since the last evaluation: to re-plan a time budget
     model.train()
     with _StopFlag() as stop:
         while state["step"] < state["planned_steps"]:
@@ -282,12 +283,15 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                 est = step + int(remaining / ((time.time() - t_step10) / 10) * 0.9)
                 state["planned_steps"] = max(min(state["planned_steps"], est), step + 1)
                 progress.total = state["planned_steps"]
+                interval = (time.time(), step)
             if tc.max_tokens and state["tokens"] >= tc.max_tokens:
                 state["planned_steps"], stopped_by = step, "tokens"
             if tc.max_minutes and elapsed >= tc.max_minutes * 60:
                 state["planned_steps"], stopped_by = step, "minutes"
             if stop.stop:
                 stopped_by = "signal"
+            state["planned_steps"], stopped_by = agree_on_stop(state["planned_steps"], stopped_by, info)
+            progress.total = state["planned_steps"]
             metrics.write({"step": step, "loss": loss_val, "lr": lr, "tokens": state["tokens"],
                            "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed": round(elapsed, 2)})
             eta = (state["planned_steps"] - step) * (time.time() - t_run) / max(done_here, 1)
@@ -295,6 +299,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                 progress.update(step, loss_val, tok_s, mfu, lr, eta)
 
             final = step >= state["planned_steps"] or stopped_by == "signal"
+            t_step_end = time.time()
             if (info.is_main or sharded) and (final or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
                 saved_at = _save(ckpt_root, step, model, optimizer, {
                     **state, "loader": loader.state_dict(), "model": model_fingerprint(cfg),
@@ -305,7 +310,8 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
             if stopped_by == "signal":
                 progress.message(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
                 break
-            if evaluates and (final or (tc.eval_every and step % tc.eval_every == 0)):
+            evaluating = evaluates and (final or (tc.eval_every and step % tc.eval_every == 0))
+            if evaluating:
                 last_eval = run_eval(step)
                 metrics.write({"type": "eval", **last_eval})
                 progress.message(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl "
@@ -322,6 +328,16 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                 metrics.write({"type": "samples", "step": step, "samples": texts})
                 progress.message(f"step {step} samples:")
                 show_samples(texts)
+            if tc.max_minutes and evaluating and interval and not final:
+                # Re-plan with what the run has learned: the speed since the last evaluation and
+                # the cost of checkpointing + evaluating, spread over the steps between evaluations.
+                # (Rank 0's plan is the one every rank follows, from the next step.)
+                per_step = (t_step_end - interval[0]) / max(step - interval[1], 1)
+                per_step += (time.time() - t_step_end) / tc.eval_every
+                remaining = tc.max_minutes * 60 - (time.time() - t0)
+                est = step + int(remaining / per_step * 0.97)
+                state["planned_steps"] = max(min(tc.max_steps, est), step + 1)
+                interval = (time.time(), step)
             barrier(info)
 
     seconds = time.time() - t_run
