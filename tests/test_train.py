@@ -240,6 +240,28 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_data
                                  if "loss" in r] == list(range(1, 10))
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_save_io_error_is_an_oserror_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    """DCP wraps a rank's I/O error in its CheckpointException (not an OSError); the trainer's
+    one-line 'could not save' handling relies on seeing an OSError."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+    from scratchlm.model import GPT
+    from scratchlm.train.trainer import make_optimizer
+
+    def disk_full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_fs, "_write_item", disk_full)
+    cfg = load_config("tiny", SMALL + ["model.vocab_size=64"])
+    model = GPT(cfg.model)
+    with pytest.raises(OSError, match="No space left on device"):
+        ckpt.save_checkpoint(tmp_path, 6, model, make_optimizer(model, cfg.train, torch.device("cpu")), {},
+                             sharded=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tensorboard_and_periodic_samples(tmp_path, tiny_dataset):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = load_config("tiny", SMALL + ["train.max_steps=6", "train.checkpoint_every=0", "train.eval_every=3",
@@ -329,8 +351,7 @@ def test_ddp_sigterm_to_one_rank_stops_all_at_the_same_step(tmp_path, tiny_datas
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 5):
         time.sleep(0.05)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    rank1 = [int(p) for p in workers if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()
-             and b"LOCAL_RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    rank1 = [int(p) for p in workers if b"\0LOCAL_RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

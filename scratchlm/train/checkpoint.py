@@ -90,6 +90,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
         return final
 
     from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
     info = info or DistInfo()
     tmp = final.with_name(f".{final.name}.tmp")  # one name every rank can compute
@@ -100,7 +101,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     try:
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp_save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / SHARDED)
+            try:
+                dcp_save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / SHARDED)
+            except CheckpointException as e:  # DCP wraps every rank's I/O error (a full disk) in one
+                raise OSError(f"sharded save failed: {str(e).splitlines()[-1][:300]}") from None
         # Gather the full weights onto rank 0 (CPU), one tensor at a time, for inference.
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
@@ -261,7 +265,12 @@ def _safe_reader(path: Path):
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
-            obj = super().find_class(module, name) if module.startswith("torch") or (module, name) in allowed else None
+            obj = None
+            if module.startswith("torch") or (module, name) in allowed:
+                try:
+                    obj = super().find_class(module, name)
+                except (ImportError, AttributeError):
+                    pass
             if ((module, name) in allowed or isinstance(obj, torch.dtype)
                     or (module in allowed_modules and isinstance(obj, type))):
                 return obj

@@ -103,9 +103,7 @@ def all_ranks_agree(value: int, info: DistInfo) -> bool:
     """True when every rank holds the same integer (e.g. the step it resumed from)."""
     if not info.enabled:
         return True
-    t = torch.tensor([value, -value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _comm_tensor([value, -value])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t[0].item() == -t[1].item()
 
@@ -120,9 +118,13 @@ def agree_on_stop(planned_steps: int, stopped_by: str, info: DistInfo) -> tuple[
     if not info.enabled:
         return planned_steps, stopped_by
     mine = [planned_steps, STOP_REASONS.index(stopped_by)] if info.is_main else [0, 0]
-    t = torch.tensor(mine + [int(stopped_by == "signal")], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _comm_tensor(mine + [int(stopped_by == "signal")])
     dist.all_reduce(t)
     planned, reason, signals = t.tolist()
     return planned, "signal" if signals else STOP_REASONS[reason]
+
+
+def _comm_tensor(values: list[int]) -> torch.Tensor:
+    """Integers to all-reduce, on the device the backend talks through (nccl: the GPU)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.cuda() if dist.get_backend() == "nccl" else t

@@ -282,7 +282,6 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
                 remaining = tc.max_minutes * 60 - elapsed
                 est = step + int(remaining / ((time.time() - t_step10) / 10) * 0.9)
                 state["planned_steps"] = max(min(state["planned_steps"], est), step + 1)
-                progress.total = state["planned_steps"]
                 interval = (time.time(), step)
             if tc.max_tokens and state["tokens"] >= tc.max_tokens:
                 state["planned_steps"], stopped_by = step, "tokens"
