@@ -1,0 +1,1 @@
+"""Fine-tuning: prompt templates, instruction SFT, classification, LoRA. Start at `templates.py`."""
