@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from scratchlm.config import load_config, to_toml
-from scratchlm.data.prepare import PrepareOptions, prepare
+from scratchlm.data.prepare import prepare
 from scratchlm.data.shards import INDEX, load_split, read_index
 from scratchlm.errors import UserError
 from scratchlm.eval.cloze import build_cloze_items
@@ -24,18 +24,10 @@ from scratchlm.eval.multiple_choice import score_items
 from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
 from scratchlm.generate import SamplingConfig, generate
 from scratchlm.report import plot_loss, table, write_report
-from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer import Tokenizer, compression_stats
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.precision import autocast
 from scratchlm.train.trainer import pretrain, save_json
-
-
-def compression_stats(tok: Tokenizer, passage: str) -> dict:
-    """A passage's length in characters, character-level tokens and BPE tokens."""
-    bpe = len(tok.encode_ordinary(passage))
-    chars = len(passage)
-    return {"characters": chars, "bytes": len(passage.encode("utf-8")), "char_level_tokens": chars,
-            "char_vocab": len(set(passage)), "bpe_tokens": bpe, "ratio": round(chars / max(bpe, 1), 2)}
 
 
 def val_documents(dataset_dir: Path, tok: Tokenizer) -> list[str]:
@@ -71,12 +63,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
         log(f"[1/5] using the prepared dataset in {dataset_dir}")
     else:
         log(f"[1/5] preparing {corpus!r}: clean, deduplicate, train the tokenizer, write shards")
-        prepare(PrepareOptions(corpus=corpus, out=str(dataset_dir), text_field=cfg.data.text_field,
-                               vocab_size=cfg.tokenizer.vocab_size, pattern=cfg.tokenizer.pattern,
-                               tokenizer=cfg.tokenizer.path, val_fraction=cfg.data.val_fraction,
-                               dedup=cfg.data.dedup, near_threshold=cfg.data.near_dedup_threshold,
-                               min_chars=cfg.data.min_chars, max_docs=cfg.data.max_docs,
-                               max_chars=cfg.data.max_chars, seed=cfg.run.seed), log=lambda m: log("      " + m))
+        prepare(cfg.data, cfg.tokenizer, dataset_dir, seed=cfg.run.seed, log=lambda m: log("      " + m))
     timings["prepare"] = time.time() - t
     index = read_index(dataset_dir)
     tok = Tokenizer.load(dataset_dir / "tokenizer")
