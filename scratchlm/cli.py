@@ -146,7 +146,7 @@ def cmd_eval(a) -> None:
         import numpy as np
         p = Path(a.data)
         if (p / INDEX).exists():
-            tokens = np.asarray(load_split(p, a.split))
+            tokens = load_split(p, a.split, tokenizer=tok)
         elif p.exists():
             tokens = np.asarray(tok.encode_ordinary(p.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
         else:

@@ -23,7 +23,7 @@ from scratchlm.eval.cloze import build_cloze_items
 from scratchlm.eval.multiple_choice import score_items
 from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
 from scratchlm.generate import SamplingConfig, generate
-from scratchlm.report import plot_loss, table, write_report
+from scratchlm.report import plot_loss, quickstart_sections, write_report
 from scratchlm.tokenizer import Tokenizer, compression_stats
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.precision import autocast
@@ -91,7 +91,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     model, tok, _ = load_for_inference(last)
     device = next(model.parameters()).device
     amp = autocast(device, result.precision)
-    val_tokens = load_split(dataset_dir, "val")
+    val_tokens = load_split(dataset_dir, "val", tokenizer=tok)  # the checkpoint's tokenizer made them
     ppl = evaluate_tokens(model, val_tokens, token_byte_lengths(tok), stride=cfg.model.context_length // 2,
                           autocast=amp)
     items = build_cloze_items(docs, n=cfg.eval.mc_limit, seed=cfg.run.seed)
@@ -112,38 +112,8 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     save_json(out / "results.json", results)
     png = plot_loss(out / "metrics.jsonl", out / "loss.png")
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("type") == "eval"]
-    stats = index["stats"]
-    sections = [
-        ("Result", table([
-            ["validation loss (nats/token)", f"{ppl.loss:.4f}"],
-            ["validation perplexity", f"{ppl.perplexity:.2f}"],
-            ["validation bits per byte", f"{ppl.bits_per_byte:.4f}"],
-            ["multiple choice (held-out line endings, 4 choices)",
-             f"acc {mc.acc:.3f} (95% CI {mc.ci95()[0]:.3f}-{mc.ci95()[1]:.3f}), random {mc.random_baseline:.2f}, "
-             f"n={mc.n}" if mc else "not enough held-out text"],
-            ["optimizer steps / tokens seen", f"{result.step} / {result.tokens:,}"],
-            ["training speed", f"{result.tokens_per_s:,.0f} tokens/s ({result.precision}, {result.device})"],
-        ], ["metric", "value"])),
-        ("Data", table([
-            ["corpus", corpus],
-            ["documents read / kept after cleaning", f"{stats['clean']['docs_in']} / {stats['clean']['docs_out']}"],
-            ["duplicates removed (exact / near)",
-             f"{stats.get('dedup', {}).get('exact_duplicates', 0)} / {stats.get('dedup', {}).get('near_duplicates', 0)}"],
-            ["train / val tokens", f"{index['splits']['train']['tokens']:,} / {index['splits']['val']['tokens']:,}"],
-            ["train / val documents", f"{index['splits']['train']['documents']} / {index['splits']['val']['documents']}"],
-        ], ["", ""])),
-        ("Tokenizer", f"Byte-level BPE, {tok.vocab_size} tokens, trained on the training split.\n\n" + table([
-            ["characters", comp["characters"]], ["character-level tokens", comp["char_level_tokens"]],
-            ["BPE tokens", comp["bpe_tokens"]], ["characters per BPE token", comp["ratio"]],
-        ], ["held-out passage", "length"])),
-        ("Training", (f"![loss curve](loss.png)\n\n" if png else "") + table(
-            [[e["step"], f"{e['val_loss']:.4f}", f"{e['val_ppl']:.2f}", f"{e['val_bpb']:.4f}"] for e in evals],
-            ["step", "val loss", "val ppl", "val bits/byte"])),
-        ("Samples", "\n\n".join(f"**{p!r}** (greedy)\n```\n{p}{g}\n```\n**{p!r}** (temperature 0.8, top-k 50)\n"
-                                f"```\n{p}{s}\n```" for p, g, s in zip(cfg.eval.prompts, greedy, sampled))),
-        ("Timings", table([[k, f"{v:.1f} s"] for k, v in timings.items()], ["stage", "wall time"])),
-        ("Config", f"```toml\n{to_toml(cfg)}```"),
-    ]
+    sections = quickstart_sections(results, index, evals, corpus=corpus, vocab_size=tok.vocab_size,
+                                   plot=png is not None, config_toml=to_toml(cfg))
     path = write_report(out, "scratchlm quickstart report", sections)
     log(f"val loss {ppl.loss:.4f} | perplexity {ppl.perplexity:.2f} | {ppl.bits_per_byte:.4f} bits/byte"
         + (f" | multiple choice acc {mc.acc:.3f} (random {mc.random_baseline:.2f})" if mc else ""))
