@@ -61,26 +61,43 @@ def cmd_tokenizer(a) -> None:
             raise UserError("decode expects a JSON list of token ids") from None
         sys.stdout.write(tok.decode(ids))
     elif a.action == "stats":
+        from scratchlm.tokenizer import compression_stats
         tok = Tokenizer.load(a.tokenizer)
         text = _read_input(a.input)
         if not text:
             raise UserError(f"{a.input} is empty")
-        n = len(tok.encode_ordinary(text))
-        nb, nc = len(text.encode("utf-8")), len(text)
-        print(f"characters           {nc:,}\nbytes                {nb:,}\nBPE tokens           {n:,}\n"
-              f"bytes/token          {nb / n:.3f}\nchars/token          {nc / n:.3f}\n"
-              f"char-level tokens    {nc:,} (vocab {len(set(text))})\n"
-              f"sequence length ratio char-level / BPE: {nc / n:.2f}x")
+        c = compression_stats(tok, text)
+        print(f"characters           {c['characters']:,}\nbytes                {c['bytes']:,}\n"
+              f"BPE tokens           {c['bpe_tokens']:,}\nbytes/token          {c['bytes_per_token']:.3f}\n"
+              f"chars/token          {c['chars_per_token']:.3f}\n"
+              f"char-level tokens    {c['char_level_tokens']:,} (vocab {c['char_vocab']})\n"
+              f"sequence length ratio char-level / BPE: {c['ratio']:.2f}x")
+
+
+# `scratchlm prepare` shortcuts: flag -> (config section, key). Given flags override --config/--set.
+PREPARE_FLAGS = {"input": ("data", "corpus"), "out": ("data", "dataset_dir"), "text_field": ("data", "text_field"),
+                 "on_bad_record": ("data", "on_bad_record"), "val_fraction": ("data", "val_fraction"),
+                 "threshold": ("data", "near_dedup_threshold"), "min_chars": ("data", "min_chars"),
+                 "max_docs": ("data", "max_docs"), "decontaminate": ("data", "decontaminate"),
+                 "tokenizer": ("tokenizer", "path"), "vocab_size": ("tokenizer", "vocab_size"),
+                 "pattern": ("tokenizer", "pattern")}
 
 
 def cmd_prepare(a) -> None:
-    from scratchlm.data.prepare import PrepareOptions, prepare
-    opts = PrepareOptions(corpus=a.input, out=a.out, text_field=a.text_field, on_bad_record=a.on_bad_record,
-                          tokenizer=a.tokenizer or "", vocab_size=a.vocab_size, pattern=a.pattern,
-                          val_fraction=a.val_fraction, dedup=not a.no_dedup, near_threshold=a.threshold,
-                          min_chars=a.min_chars, max_docs=a.max_docs, decontaminate=a.decontaminate,
-                          drop_contaminated=a.drop_contaminated, overwrite=a.overwrite)
-    print(json.dumps(prepare(opts), indent=1))
+    from scratchlm.config import apply_dict, load_config
+    from scratchlm.data.prepare import prepare
+    cfg = load_config(a.config, a.overrides)
+    for flag, (section, key) in PREPARE_FLAGS.items():
+        if getattr(a, flag) is not None:
+            apply_dict(cfg, {section: {key: getattr(a, flag)}})
+    if a.no_dedup:
+        cfg.data.dedup = False
+    if a.drop_contaminated:
+        cfg.data.drop_contaminated = True
+    if not cfg.data.dataset_dir:
+        raise UserError("no output directory: give --out DIR (or set data.dataset_dir)")
+    print(json.dumps(prepare(cfg.data, cfg.tokenizer, cfg.data.dataset_dir, seed=cfg.run.seed,
+                             overwrite=a.overwrite), indent=1))
 
 
 def cmd_dedup(a) -> None:
@@ -130,7 +147,7 @@ def cmd_eval(a) -> None:
         import numpy as np
         p = Path(a.data)
         if (p / INDEX).exists():
-            tokens = np.asarray(load_split(p, a.split))
+            tokens = load_split(p, a.split, tokenizer=tok)
         elif p.exists():
             tokens = np.asarray(tok.encode_ordinary(p.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
         else:
@@ -203,22 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("prepare", help="corpus -> cleaned, deduplicated, tokenized train/val shards",
-                       formatter_class=fmt)
-    p.add_argument("--input", required=True, help="builtin, file, dir, glob, URL or hf:PATH")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tokenizer", help="use this tokenizer instead of training one")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--pattern", default="gpt4")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--no-dedup", action="store_true")
-    p.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold")
-    p.add_argument("--min-chars", type=int, default=32)
-    p.add_argument("--max-docs", type=int, default=0)
-    p.add_argument("--decontaminate", nargs="*", default=[], help="eval files (MMLU CSV, HellaSwag, ARC, text)")
-    p.add_argument("--drop-contaminated", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+                       description="Settings come from the [data] and [tokenizer] sections of --config (default: "
+                       "the built-in defaults), then --set, then the shortcut flags below.", formatter_class=fmt)
+    p.add_argument("--config", default=None, help="preset name or .toml path (its [data] and [tokenizer] sections)")
+    _add_set(p)
+    p.add_argument("--input", help="corpus: builtin, file, dir, glob, URL or hf:PATH (data.corpus)")
+    p.add_argument("--out", help="dataset directory to write (data.dataset_dir)")
+    p.add_argument("--tokenizer", help="use this tokenizer directory instead of training one (tokenizer.path)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer.vocab_size")
+    p.add_argument("--pattern", help="pre-tokenizer: gpt2, gpt4 or a regex (tokenizer.pattern)")
+    p.add_argument("--text-field", help="JSONL/Parquet field holding the text (data.text_field)")
+    p.add_argument("--on-bad-record", choices=["stop", "skip"], help="data.on_bad_record")
+    p.add_argument("--val-fraction", type=float, help="share held out for validation (data.val_fraction)")
+    p.add_argument("--no-dedup", action="store_true", help="keep duplicates (data.dedup=false)")
+    p.add_argument("--threshold", type=float, help="near-duplicate Jaccard threshold (data.near_dedup_threshold)")
+    p.add_argument("--min-chars", type=int, help="drop shorter documents (data.min_chars)")
+    p.add_argument("--max-docs", type=int, help="read at most this many documents (data.max_docs)")
+    p.add_argument("--decontaminate", nargs="*", help="eval files: MMLU CSV, HellaSwag, ARC, text (data.decontaminate)")
+    p.add_argument("--drop-contaminated", action="store_true", help="drop flagged documents (data.drop_contaminated)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH)", formatter_class=fmt)

@@ -40,6 +40,10 @@ class DataConfig:
     min_chars: int = 32
     max_docs: int = 0              # 0 = all
     max_chars: int = 0             # 0 = all; a cap on corpus size for quick runs
+    on_bad_record: str = "stop"    # stop | skip: a malformed JSONL line or record without the text field
+    decontaminate: list[str] = field(default_factory=list)  # eval files whose 13-grams are looked for
+    drop_contaminated: bool = False  # drop flagged documents (default: only report them)
+    shard_tokens: int = 50_000_000   # tokens per shard file (also what `prepare` buffers in memory)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import heapq
 import json
 import multiprocessing as mp
 import os
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Collection, Iterable, Literal
 
@@ -33,9 +33,11 @@ import regex
 from scratchlm.errors import UserError
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-4's pre-tokenizer: exactly tiktoken's cl100k_base pat_str (tested against it), including
+# `\s++$`, which keeps the whitespace at the very end of a text as one chunk.
 GPT4_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
@@ -64,13 +66,33 @@ def _clean_text(text: str) -> str:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def _count_batch(args: tuple[list[str], str]) -> Counter:
+def _count_batch(args: tuple[list[str], str]) -> tuple[Counter, int, int, str]:
+    """Chunk counts of a batch, its length in characters, how many of those the chunks cover,
+    and the first piece of text the pattern skips (empty if none)."""
     texts, pattern = args
     compiled = regex.compile(pattern)
     counts: Counter = Counter()
+    total = covered = 0
+    lost = ""
     for text in texts:
-        counts.update(compiled.findall(_clean_text(text)))
-    return counts
+        text = _clean_text(text)
+        chunks = compiled.findall(text)
+        counts.update(chunks)
+        n = sum(map(len, chunks))
+        total += len(text)
+        covered += n
+        if n < len(text) and not lost:
+            lost = _first_gap(compiled, text)
+    return counts, total, covered, lost
+
+
+def _first_gap(compiled, text: str) -> str:
+    pos = 0
+    for m in compiled.finditer(text):
+        if m.start() > pos:
+            return text[pos:m.start()][:20]
+        pos = m.end()
+    return text[pos:pos + 20]
 
 
 def _batched(texts: Iterable[str], batch_bytes: int) -> Iterable[list[str]]:
@@ -87,18 +109,51 @@ def _batched(texts: Iterable[str], batch_bytes: int) -> Iterable[list[str]]:
 
 
 def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Counter:
-    """Count each distinct pre-token chunk once. Streams: memory grows with distinct chunks only."""
+    """Count each distinct pre-token chunk once. Streams: memory grows with distinct chunks only
+    (at most two batches per worker are in flight). Refuses a pattern that skips characters: they
+    would silently vanish from every encoded text."""
     batches = ((b, pattern) for b in _batched(texts, 1 << 20))
+    total: Counter = Counter()
+    chars = covered = 0
+    lost = ""
+
+    def absorb(result: tuple[Counter, int, int, str]) -> None:
+        nonlocal chars, covered, lost
+        counts, n, c, gap = result
+        total.update(counts)
+        chars, covered, lost = chars + n, covered + c, lost or gap
+
     if num_workers <= 1:
-        total: Counter = Counter()
         for b in batches:
-            total.update(_count_batch(b))
-        return total
-    total = Counter()
-    with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(num_workers) as pool:
-        for counts in pool.imap_unordered(_count_batch, batches):
-            total.update(counts)
+            absorb(_count_batch(b))
+    else:
+        with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(num_workers) as pool:
+            pending: deque = deque()
+            for b in batches:
+                pending.append(pool.apply_async(_count_batch, (b,)))
+                if len(pending) >= 2 * num_workers:
+                    absorb(pending.popleft().get())
+            while pending:
+                absorb(pending.popleft().get())
+    if covered < chars:
+        raise UserError(f"the pre-tokenizer pattern skips {chars - covered:,} of {chars:,} characters "
+                        f"({100 * (chars - covered) / chars:.2f}%, e.g. {lost!r}), which encoding would lose; "
+                        r"add an alternative that matches the rest, e.g. end the pattern with |\s+|.")
     return total
+
+
+def resolve_pattern(pattern: str) -> str:
+    """A pattern name (gpt2, gpt4) or a regex, checked: it must compile, and a bare word that is
+    not a known name is a typo (as a regex, "gpt3" would match almost nothing)."""
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    if regex.fullmatch(r"[A-Za-z0-9_-]+", pattern):
+        raise UserError(f"unknown pre-tokenizer pattern {pattern!r}; use {', '.join(PATTERNS)} or a regex")
+    try:
+        regex.compile(pattern)
+    except regex.error as e:
+        raise UserError(f"pre-tokenizer pattern {pattern!r} is not a valid regex ({e})") from None
+    return pattern
 
 
 def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]]:
@@ -219,7 +274,7 @@ class Tokenizer:
               special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS, min_frequency: int = 1,
               num_workers: int = 0) -> "Tokenizer":
         """Learn `vocab_size - 256 - len(special_tokens)` merges from `texts` (any iterable)."""
-        pattern = PATTERNS.get(pattern, pattern)
+        pattern = resolve_pattern(pattern)
         num_merges = vocab_size - 256 - len(special_tokens)
         if num_merges < 0:
             raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
@@ -409,3 +464,12 @@ class Tokenizer:
         if tok.vocab_size != d.get("vocab_size") or tok.special_tokens != d["special_tokens"]:
             raise UserError(f"tokenizer file {path} is inconsistent (vocab size or special ids); retrain it")
         return tok
+
+
+def compression_stats(tok: Tokenizer, text: str) -> dict:
+    """How much shorter BPE makes a text than characters (one token per character) or bytes."""
+    bpe = len(tok.encode_ordinary(text))
+    chars, nbytes = len(text), len(text.encode("utf-8"))
+    return {"characters": chars, "bytes": nbytes, "char_level_tokens": chars, "char_vocab": len(set(text)),
+            "bpe_tokens": bpe, "ratio": round(chars / max(bpe, 1), 2),
+            "bytes_per_token": round(nbytes / max(bpe, 1), 3), "chars_per_token": round(chars / max(bpe, 1), 3)}
