@@ -98,6 +98,11 @@ def pad_token(tok: Tokenizer) -> str:
 
 def write_tokenizer_files(tok: Tokenizer, directory: Path, template: Template | None, max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json (special tokens, chat template) into `directory`."""
+    if template is not None:
+        missing = [s for s in template.special_tokens if s not in tok.special_tokens]
+        if missing:
+            raise UserError(f"the {template.name} template needs special token(s) {', '.join(missing)} that this "
+                            f"tokenizer lacks; export with another template or none")
     write_text(directory / "tokenizer.json", json.dumps(to_hf_dict(tok), ensure_ascii=False))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -107,10 +112,6 @@ def write_tokenizer_files(tok: Tokenizer, directory: Path, template: Template | 
         "model_max_length": max_length, "clean_up_tokenization_spaces": False,
     }
     if template is not None:
-        missing = [s for s in template.special_tokens if s not in tok.special_tokens]
-        if missing:
-            raise UserError(f"the {template.name} template needs special token(s) {', '.join(missing)} that this "
-                            f"tokenizer lacks; export with another template or none")
         config["chat_template"] = chat_template_jinja(template)
     write_text(directory / "tokenizer_config.json", json.dumps(config, indent=1, ensure_ascii=False))
 
