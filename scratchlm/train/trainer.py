@@ -173,6 +173,8 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
         ckpt.load_rng(start_ckpt, saved)
         for k in ("step", "tokens", "planned_steps", "best_val_loss", "elapsed"):
             state[k] = saved[k]
+        if saved["step"] == 0:  # nothing trained yet (an imported model): this config plans the run
+            state["planned_steps"] = tc.max_steps
         metrics.truncate_after(state["step"])
         say(f"resumed from {start_ckpt} at step {state['step']}")
     if not all_ranks_agree(state["step"] if start_ckpt else -1, info):
