@@ -30,8 +30,11 @@ from scratchlm.model.config import ModelConfig
 from scratchlm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
 from scratchlm.tokenizer.hf_export import bytes_to_unicode, to_hf_dict
 
+# Llama 3's regex as its tokenizer.json writes it (what `import hf` brings in from a Llama 3 model).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # llama.cpp's names for the pre-tokenizer regexes it has built in (llama-vocab.cpp).
-PRE_TOKENIZER = {GPT2_PATTERN: "gpt-2", GPT4_PATTERN: "llama-bpe"}
+PRE_TOKENIZER = {GPT2_PATTERN: "gpt-2", GPT4_PATTERN: "llama-bpe", LLAMA3_PATTERN: "llama-bpe"}
 
 
 def _import_gguf():
