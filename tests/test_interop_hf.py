@@ -156,3 +156,38 @@ def test_export_refuses_non_empty_or_unwritable_out(tmp_path, capsys):
     assert main(["export", "hf", "--ckpt", str(run), "--out", str(tmp_path / "empty")]) == 0
     assert (tmp_path / "empty" / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging debris
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-small"])
+def test_lm_eval_hf_on_export_equals_scratchlm_eval(tmp_path, shared, preset):
+    """lm-evaluation-harness `--model hf` on the exported directory, `scratchlm eval` on the run:
+    the same items, the same acc and acc_norm."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    n = 30
+    arc = shared / "arc" / "arc_easy_validation.jsonl"
+    (tmp_path / "arc.yaml").write_text(f"""task: scratch_arc_easy_hf
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {arc}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices.text}}}}"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    run = make_run(tmp_path, "run", preset, ("model.context_length=256",))
+    out = export_hf(run, tmp_path / "hf")
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32,device=cpu,batch_size=8",
+                                  tasks=["scratch_arc_easy_hf"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  limit=n, num_fewshot=0)["results"]["scratch_arc_easy_hf"]
+    assert main(["eval", "arc", "--ckpt", str(run), "--data", str(arc), "--limit", str(n), "--device", "cpu"]) == 0
+    ours = json.loads((run / "eval_arc.json").read_text())
+    assert ours["n"] == n
+    assert ours["acc"] == pytest.approx(res["acc,none"], abs=1e-9)
+    assert ours["acc_norm"] == pytest.approx(res["acc_norm,none"], abs=1e-9)
+    assert 0 < ours["acc"] < 1 or 0 < ours["acc_norm"] < 1  # not a degenerate all-same answer
