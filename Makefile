@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 # pip never pulls a multi-GB CUDA build. On a GPU machine: make TORCH="torch" quickstart
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test bench check-llamacpp clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+# llama.cpp itself runs our GGUF exports (same ids, logits, greedy tokens). Installing
+# llama-cpp-python compiles llama.cpp (~3 minutes on 2 cores), so this is not part of `make test`.
+check-llamacpp: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(BIN)/python -m pip install -q "llama-cpp-python>=0.3"
+	$(BIN)/python -m pytest -q tests/check_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -185,6 +185,23 @@ def cmd_generate(a) -> None:
             print(f"--- {p!r}\n{p}{text}")
 
 
+def cmd_export(a) -> None:
+    if a.format == "hf":
+        from scratchlm.interop.hf import export_hf
+        out = export_hf(a.ckpt, a.out, template=a.template)
+        print(f"exported {a.ckpt} -> {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
+    else:
+        from scratchlm.interop.gguf import export_gguf
+        out = export_gguf(a.ckpt, a.out, template=a.template)
+        print(f"exported {a.ckpt} -> {out} (GGUF for llama.cpp)")
+
+
+def cmd_import(a) -> None:
+    from scratchlm.interop.hf import import_hf
+    out = import_hf(a.src, a.out)
+    print(f"imported {a.src} -> run {out} (use it with generate/eval --ckpt {out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizer, "
@@ -284,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory or a llama.cpp GGUF file",
+                       formatter_class=fmt)
+    p.add_argument("format", choices=["hf", "gguf"])
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--out", required=True, help="new directory (hf) or FILE.gguf (gguf)")
+    p.add_argument("--template", choices=["chat", "alpaca", "none"], default=None,
+                   help="chat template to ship (default: the one a fine-tuned checkpoint records, else none)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="a Hugging Face GPT-2/Llama directory as a scratchlm run", formatter_class=fmt)
+    p.add_argument("format", choices=["hf"])
+    p.add_argument("src", help="directory with config.json, weights and tokenizer.json")
+    p.add_argument("--out", required=True, help="new run directory")
+    p.set_defaults(func=cmd_import)
     _fill_help(parser)
     return parser
 

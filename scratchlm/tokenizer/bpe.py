@@ -26,7 +26,7 @@ import multiprocessing as mp
 import os
 from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Collection, Iterable, Literal
+from typing import Collection, Iterable, Literal, Mapping
 
 import regex
 
@@ -47,6 +47,7 @@ DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, "<|pad|>", "<|system|>", "<|user|>", "<|ass
 
 FORMAT_NAME = "scratchlm-bpe"
 FORMAT_VERSION = 1
+VOCAB_FORMAT_VERSION = 2  # an explicit vocabulary (imported tokenizers) instead of merges over bytes 0..255
 FILE_NAME = "tokenizer.scratchlm.json"
 
 
@@ -246,20 +247,40 @@ def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]
 # ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    """A trained byte-level BPE tokenizer: merges + pre-tokenizer pattern + special tokens."""
+    """A trained byte-level BPE tokenizer: merges + pre-tokenizer pattern + special tokens.
+
+    A tokenizer trained here has the bytes as ids 0..255 and merges from 256. One imported from
+    elsewhere (GPT-2's puts the bytes in another order) is given as `vocab` instead: the bytes of
+    every ordinary token, id = position, its id also its merge rank (the tiktoken convention).
+    Special tokens follow the ordinary ones, in order or at the ids a mapping gives them."""
 
     def __init__(self, merges: list[tuple[int, int]], pattern: str = GPT4_PATTERN,
-                 special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS):
+                 special_tokens: Collection[str] | Mapping[str, int] = DEFAULT_SPECIAL_TOKENS, *,
+                 vocab: list[bytes] | None = None):
         self.pattern = pattern
-        self.merges = [tuple(m) for m in merges]
-        self.vocab: list[bytes] = [bytes([i]) for i in range(256)]
-        for a, b in self.merges:
-            self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.custom_vocab = vocab is not None
+        if vocab is None:
+            self.merges = [tuple(m) for m in merges]
+            self.vocab: list[bytes] = [bytes([i]) for i in range(256)]
+            for a, b in self.merges:
+                self.vocab.append(self.vocab[a] + self.vocab[b])
+        else:
+            self.merges, self.vocab = [], [bytes(b) for b in vocab]
+            missing = set(range(256)) - {b[0] for b in self.vocab if len(b) == 1}
+            if missing:
+                raise UserError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens, so it is not "
+                                f"byte-level BPE (some text could not be encoded)")
         self.rank = {tok: i for i, tok in enumerate(self.vocab)}
         if len(self.rank) != len(self.vocab):
             raise UserError("tokenizer has two tokens with the same bytes; retrain it with scratchlm")
         n = len(self.vocab)
-        self.special_tokens: dict[str, int] = {s: n + i for i, s in enumerate(special_tokens)}
+        if isinstance(special_tokens, Mapping):
+            self.special_tokens: dict[str, int] = dict(special_tokens)
+            if sorted(self.special_tokens.values()) != list(range(n, n + len(self.special_tokens))):
+                raise UserError(f"special token ids must be {n}..{n + len(self.special_tokens) - 1}, right after "
+                                f"the {n} ordinary tokens; got {sorted(self.special_tokens.values())[:4]}...")
+        else:
+            self.special_tokens = {s: n + i for i, s in enumerate(special_tokens)}
         self._compiled = regex.compile(pattern)
         self._special_re = (
             regex.compile("|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)))
@@ -414,7 +435,7 @@ class Tokenizer:
 
     # --- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "pattern": self.pattern,
@@ -422,6 +443,12 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "merges": [list(m) for m in self.merges],
         }
+        if self.custom_vocab:  # version 2: the tokens themselves, as GPT-2's printable byte strings
+            from scratchlm.tokenizer.hf_export import bytes_to_unicode
+            b2u = bytes_to_unicode()
+            d["version"] = VOCAB_FORMAT_VERSION
+            d["vocab"] = ["".join(b2u[x] for x in b) for b in self.vocab]
+        return d
 
     @property
     def fingerprint(self) -> str:
@@ -434,9 +461,13 @@ class Tokenizer:
         from scratchlm.atomic import write_text
         d = self.to_dict()
         merges = d.pop("merges")
+        vocab = d.pop("vocab", None)
         head = json.dumps(d, indent=1, ensure_ascii=False)[:-2]
         lines = ",\n".join(f"  [{a}, {b}]" for a, b in merges)
-        text = head + ',\n "merges": [\n' + lines + "\n ]\n}\n"
+        text = head + ',\n "merges": [\n' + lines + "\n ]"
+        if vocab is not None:  # one token per line
+            text += ',\n "vocab": [\n' + ",\n".join("  " + json.dumps(t, ensure_ascii=False) for t in vocab) + "\n ]"
+        text += "\n}\n"
         path = Path(directory) / FILE_NAME
         write_text(path, text)
         return path
@@ -453,12 +484,18 @@ class Tokenizer:
             raise UserError(f"tokenizer file {path} is corrupt ({e}); retrain it") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise UserError(f"{path} is not a scratchlm tokenizer file")
-        if d.get("version") != FORMAT_VERSION:
+        if d.get("version") not in (FORMAT_VERSION, VOCAB_FORMAT_VERSION):
             raise UserError(f"{path} has tokenizer format version {d.get('version')}, this scratchlm "
-                            f"reads version {FORMAT_VERSION}; retrain or upgrade scratchlm")
+                            f"reads versions {FORMAT_VERSION} and {VOCAB_FORMAT_VERSION}; retrain or upgrade scratchlm")
         try:
-            specials = sorted(d["special_tokens"], key=d["special_tokens"].get)
-            tok = cls([tuple(m) for m in d["merges"]], pattern=d["pattern"], special_tokens=specials)
+            if d["version"] == VOCAB_FORMAT_VERSION:
+                from scratchlm.tokenizer.hf_export import bytes_to_unicode
+                u2b = {u: b for b, u in bytes_to_unicode().items()}
+                vocab = [bytes(u2b[c] for c in t) for t in d["vocab"]]
+                tok = cls([], pattern=d["pattern"], special_tokens=dict(d["special_tokens"]), vocab=vocab)
+            else:
+                specials = sorted(d["special_tokens"], key=d["special_tokens"].get)
+                tok = cls([tuple(m) for m in d["merges"]], pattern=d["pattern"], special_tokens=specials)
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise UserError(f"tokenizer file {path} is corrupt ({type(e).__name__}: {e}); retrain it") from None
         if tok.vocab_size != d.get("vocab_size") or tok.special_tokens != d["special_tokens"]:

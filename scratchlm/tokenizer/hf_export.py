@@ -45,8 +45,7 @@ def to_hf_dict(tok: "Tokenizer") -> dict:
 
     vocab = {show(b): i for i, b in enumerate(tok.vocab)}
     merges = []
-    for token_id in range(256, len(tok.vocab)):
-        b = tok.vocab[token_id]
+    for token_id, b in enumerate(tok.vocab):  # every multi-byte token (the bytes need no merge)
         for k in range(1, len(b)):
             left, right = tok.rank.get(b[:k]), tok.rank.get(b[k:])
             if left is not None and right is not None and left < token_id and right < token_id:
