@@ -10,7 +10,7 @@ from interop_util import SPECIAL_TEXT, TEXTS, make_run
 from scratchlm.generate import SamplingConfig, generate_ids
 from scratchlm.interop.gguf import export_gguf
 from scratchlm.interop.hf import import_hf
-from scratchlm.train.trainer import load_for_inference
+from scratchlm.train.checkpoint import load_for_inference
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (make check-llamacpp does)")
 

@@ -10,7 +10,7 @@ from scratchlm.cli import main
 from scratchlm.interop.gguf import export_gguf, rope_to_interleaved
 from scratchlm.model.attention import apply_rope, rope_tables
 from scratchlm.tokenizer.hf_export import bytes_to_unicode
-from scratchlm.train.trainer import load_for_inference
+from scratchlm.train.checkpoint import load_for_inference
 
 gguf = pytest.importorskip("gguf")  # in pyproject's `test` and `interop` extras
 

@@ -12,7 +12,7 @@ from scratchlm.errors import UserError
 from scratchlm.finetune.templates import get_template
 from scratchlm.generate import SamplingConfig, generate_ids
 from scratchlm.interop.hf import export_hf
-from scratchlm.train.trainer import load_for_inference
+from scratchlm.train.checkpoint import load_for_inference
 
 transformers = pytest.importorskip("transformers")  # a test dependency: pyproject's `test` extra has it
 

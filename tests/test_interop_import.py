@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from scratchlm.cli import main
 from scratchlm.interop.hf import export_hf, import_hf
-from scratchlm.train.trainer import load_for_inference
+from scratchlm.train.checkpoint import load_for_inference
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

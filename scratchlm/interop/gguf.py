@@ -119,7 +119,7 @@ def _add_tokenizer(writer, gguf, tok: Tokenizer, vocab_size: int, template) -> N
 
 def export_gguf(ckpt: str | Path, out: str | Path, template: str | None = None) -> Path:
     """Write FILE.gguf (fp32) that llama.cpp loads, tokenizer included."""
-    from scratchlm.train.trainer import load_for_inference
+    from scratchlm.train.checkpoint import load_for_inference
     gguf = _import_gguf()
     out = Path(out)
     if out.exists():

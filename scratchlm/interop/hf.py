@@ -237,7 +237,7 @@ def export_hf(ckpt: str | Path, out: str | Path, template: str | None = None) ->
     """Write a directory that `AutoModelForCausalLM/AutoTokenizer.from_pretrained` load as is."""
     from safetensors.torch import save_file
 
-    from scratchlm.train.trainer import load_for_inference
+    from scratchlm.train.checkpoint import load_for_inference
     out = Path(out)
     _check_out_dir(out)
     model, tok, meta = load_for_inference(ckpt, device="cpu")
