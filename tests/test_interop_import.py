@@ -35,8 +35,9 @@ def hf_tokenizer(style: str):
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=380, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                              show_progress=False)
     t.train_from_iterator(TEXTS * 30, trainer)
-    t.add_special_tokens(["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+    eos = "<|endoftext|>" if style == "gpt2" else "<|end_of_text|>"  # Llama 3 names it differently
+    t.add_special_tokens([eos, "<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token=eos)
 
 
 def hf_model(arch: str, vocab: int, tied: bool, kv_heads: int = 2):
@@ -79,6 +80,7 @@ def test_import_matches_hf_and_round_trips(tmp_path, case):
     for text in TEXTS + [SPECIAL_TEXT]:  # the same ids on prose, code, emoji/CJK and special tokens
         assert tok.encode(text, allowed_special="all") == hf_tok.encode(text, add_special_tokens=False), text
     assert tok.custom_vocab and tok.vocab[0] == b"!"  # GPT-2's byte order, held as is
+    assert tok.eot_id == hf_tok.eos_token_id
     ids = torch.tensor([tok.encode(" ".join(TEXTS))[:64]])
     with torch.no_grad():
         diff = (ours(ids)[0] - hf(ids).logits).abs().max().item()
@@ -89,6 +91,7 @@ def test_import_matches_hf_and_round_trips(tmp_path, case):
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     back_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert back_tok.eos_token == hf_tok.eos_token
     for text in TEXTS:
         assert back_tok.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False)
 
