@@ -22,6 +22,7 @@ VARIANTS = {  # every preset family, and the variants HF's two layouts must expr
     "tiny": ("tiny", ()),
     "sheet": ("sheet", ()),
     "gpt2-untied-nobias": ("gpt2-124m", ("model.tie_embeddings=false", "model.bias=false")),
+    "gpt2-padded-vocab": ("gpt2-124m", ("model.vocab_size=448",)),  # more rows than tokens, as gpt2-124m has
     "llama-small-gqa-untied": ("llama-small", ()),
     "llama-mqa-tied": ("llama-small", ("model.n_kv_heads=1", "model.tie_embeddings=true")),
     "llama-bias-theta": ("llama-small", ("model.bias=true", "model.n_kv_heads=4", "model.rope_theta=500000")),

@@ -199,3 +199,6 @@ def test_import_bad_input_is_one_line(tmp_path, capsys):
     (busy / "x").write_text("x")
     assert main(["import", "hf", str(src), "--out", str(busy)]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["import", "hf", str(src), "--out", str(busy / "x" / "run")]) == 2  # under a file: unwritable
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in busy.iterdir()) == ["x"]
