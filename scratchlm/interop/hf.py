@@ -124,7 +124,8 @@ def from_hf_state(layout: str, cfg: ModelConfig, hf: dict[str, torch.Tensor]) ->
         for i in range(cfg.n_layers):
             h, p = f"h.{i}.", f"layers.{i}."
             for ours, theirs in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
-                sd[p + ours + ".weight"], sd[p + ours + ".bias"] = take(h + theirs + ".weight"), take(h + theirs + ".bias")
+                for s in ("weight", "bias"):
+                    sd[p + ours + "." + s] = take(h + theirs + "." + s)
             for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"),
                                  ("ffn.up_proj", "mlp.c_fc"), ("ffn.down_proj", "mlp.c_proj")):
                 sd[p + ours + ".weight"] = take(h + theirs + ".weight").t().contiguous()
@@ -206,7 +207,8 @@ def model_config_from_hf(config: dict, where: Path) -> tuple[str, ModelConfig]:
         need(math.isclose(config.get("rms_norm_eps", 1e-6), NORM_EPS),
              f"rms_norm_eps={config.get('rms_norm_eps', 1e-6)} (scratchlm's RMSNorm uses 1e-5)")
         d, heads = config["hidden_size"], config["num_attention_heads"]
-        need(config.get("head_dim") in (None, d // heads), f"head_dim={config.get('head_dim')} is not hidden_size/heads")
+        need(config.get("head_dim") in (None, d // heads),
+             f"head_dim={config.get('head_dim')} is not hidden_size/num_attention_heads")
         cfg = ModelConfig(vocab_size=config["vocab_size"], context_length=config["max_position_embeddings"], d_model=d,
                           n_layers=config["num_hidden_layers"], n_heads=heads,
                           n_kv_heads=config.get("num_key_value_heads") or heads, d_ff=config["intermediate_size"],

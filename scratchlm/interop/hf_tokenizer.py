@@ -153,7 +153,8 @@ def tokenizer_from_hf(directory: str | Path) -> Tokenizer:
                         f"{' with byte_fallback' if model.get('byte_fallback') else ''}, not byte-level BPE "
                         f"(SentencePiece-style tokenizers cannot be imported)")
     if d.get("normalizer"):
-        raise UserError(f"{path}: normalizer {d['normalizer'].get('type')!r} is not supported (byte-level BPE has none)")
+        raise UserError(f"{path}: normalizer {d['normalizer'].get('type')!r} is not supported "
+                        f"(byte-level BPE has none)")
     pattern = _pattern_of(d.get("pre_tokenizer"), path)
 
     u2b = {u: b for b, u in bytes_to_unicode().items()}
@@ -185,7 +186,8 @@ def tokenizer_from_hf(directory: str | Path) -> Tokenizer:
             raise UserError(f"{path}: token ids are not in merge order (merge {left!r} + {right!r} makes id {made} "
                             f"after id {last}); scratchlm's encoder needs id = merge rank")
         last = max(last, made)
-    tok = Tokenizer([], pattern=pattern, special_tokens=specials, vocab=vocab, eot_token=_eos_token(directory, specials))
+    tok = Tokenizer([], pattern=pattern, special_tokens=specials, vocab=vocab,
+                    eot_token=_eos_token(directory, specials))
     _check_probe(tok, path)
     return tok
 
