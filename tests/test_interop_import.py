@@ -196,6 +196,14 @@ def test_import_bad_input_is_one_line(tmp_path, capsys):
     (noweights / "model.safetensors").unlink()
     refuse(noweights, "no model.safetensors or pytorch_model.bin")
 
+    fewer = tmp_path / "fewer"  # config.json and weights disagree
+    shutil.copytree(src, fewer)
+    config = json.loads((src / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**config, "n_layer": 1}))
+    refuse(fewer, "tensors its config.json does not describe (h.1.")
+    (fewer / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    refuse(fewer, "no tensor 'h.2.ln_1.weight'")
+
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
