@@ -47,7 +47,7 @@ def check(run, path):
 
 
 @pytest.mark.parametrize("preset, overrides, pattern", [
-    ("gpt2-124m", (), "gpt2"), ("gpt2-124m", (), "gpt4"), ("llama-small", (), "gpt4"),
+    ("gpt2-124m", (), "gpt2"), ("gpt2-124m", ("model.vocab_size=448",), "gpt4"), ("llama-small", (), "gpt4"),
     ("llama-small", ("model.tie_embeddings=true", "model.n_kv_heads=1", "model.bias=true"), "gpt2")])
 def test_llamacpp_runs_our_gguf(tmp_path, preset, overrides, pattern):
     run = make_run(tmp_path, "run", preset, overrides, pattern=pattern)

@@ -36,7 +36,7 @@ def make_run(root: Path, name: str, preset: str = "tiny", overrides: tuple[str, 
              pattern: str = "gpt4", state_extra: dict | None = None) -> Path:
     """A run directory with one checkpoint of a small random model built from `preset`."""
     tok = tokenizer(pattern)
-    cfg: Config = load_config(preset, [*SMALL, *overrides, f"model.vocab_size={tok.vocab_size}",
+    cfg: Config = load_config(preset, [*SMALL, f"model.vocab_size={tok.vocab_size}", *overrides,
                                        f"run.out_dir={root}", f"run.name={name}"])
     torch.manual_seed(seed)
     model = GPT(cfg.model)

@@ -35,8 +35,9 @@ def hf_tokenizer(style: str):
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=380, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                              show_progress=False)
     t.train_from_iterator(TEXTS * 30, trainer)
-    t.add_special_tokens(["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+    eos = "<|endoftext|>" if style == "gpt2" else "<|end_of_text|>"  # Llama 3 names it differently
+    t.add_special_tokens([eos, "<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token=eos)
 
 
 def hf_model(arch: str, vocab: int, tied: bool, kv_heads: int = 2):
@@ -79,6 +80,7 @@ def test_import_matches_hf_and_round_trips(tmp_path, case):
     for text in TEXTS + [SPECIAL_TEXT]:  # the same ids on prose, code, emoji/CJK and special tokens
         assert tok.encode(text, allowed_special="all") == hf_tok.encode(text, add_special_tokens=False), text
     assert tok.custom_vocab and tok.vocab[0] == b"!"  # GPT-2's byte order, held as is
+    assert tok.eot_id == hf_tok.eos_token_id
     ids = torch.tensor([tok.encode(" ".join(TEXTS))[:64]])
     with torch.no_grad():
         diff = (ours(ids)[0] - hf(ids).logits).abs().max().item()
@@ -89,6 +91,7 @@ def test_import_matches_hf_and_round_trips(tmp_path, case):
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     back_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert back_tok.eos_token == hf_tok.eos_token
     for text in TEXTS:
         assert back_tok.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False)
 
@@ -148,13 +151,15 @@ def test_imported_run_generates_evaluates_and_continues_pretraining(tmp_path, ca
     assert main(["prepare", "--input", str(corpus), "--out", str(data), "--tokenizer", str(run / "tokenizer")]) == 0
     before = load_file(str(run / "checkpoints" / "step_000000" / "model.safetensors"))
     assert main(["pretrain", "--config", str(run / "config.toml"), "--data", str(data), "--resume",
-                 "--set", "train.max_steps=3", "--set", "train.batch_size=2", "--set", "train.eval_every=0", "--set", "train.precision=fp32",
+                 "--set", "train.max_steps=3", "--set", "train.batch_size=2", "--set", "train.eval_every=0",
+                 "--set", "train.precision=fp32",
                  "--set", "train.warmup_steps=1", "--set", "train.checkpoint_every=3"]) == 0
     assert "resumed from" in capsys.readouterr().out
     latest = sorted((run / "checkpoints").iterdir())[-1]
     assert latest.name == "step_000003"
     after = load_file(str(latest / "model.safetensors"))
-    assert sorted(after) == sorted(before) and not torch.equal(after["embed_tokens.weight"], before["embed_tokens.weight"])
+    assert sorted(after) == sorted(before)
+    assert not torch.equal(after["embed_tokens.weight"], before["embed_tokens.weight"])  # it trained
 
 
 def test_import_bad_input_is_one_line(tmp_path, capsys):
@@ -191,8 +196,37 @@ def test_import_bad_input_is_one_line(tmp_path, capsys):
     (noweights / "model.safetensors").unlink()
     refuse(noweights, "no model.safetensors or pytorch_model.bin")
 
+    fewer = tmp_path / "fewer"  # config.json and weights disagree
+    shutil.copytree(src, fewer)
+    config = json.loads((src / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**config, "n_layer": 1}))
+    refuse(fewer, "tensors its config.json does not describe (h.1.")
+    (fewer / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    refuse(fewer, "no tensor 'h.2.ln_1.weight'")
+
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
     assert main(["import", "hf", str(src), "--out", str(busy)]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["import", "hf", str(src), "--out", str(busy / "x" / "run")]) == 2  # under a file: unwritable
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in busy.iterdir()) == ["x"]
+
+
+def test_gpt2_hub_layout_special_token_also_in_vocab(tmp_path):
+    """GPT-2's own tokenizer.json lists <|endoftext|> in the BPE vocab *and* as an added token, and
+    its weights have no `transformer.` prefix; both import."""
+    src, hf, hf_tok = save_hf(tmp_path, "gpt2", True, "gpt2")
+    t = json.loads((src / "tokenizer.json").read_text())
+    t["model"]["vocab"]["<|endoftext|>"] = hf_tok.eos_token_id
+    (src / "tokenizer.json").write_text(json.dumps(t, ensure_ascii=False))
+    from safetensors.torch import save_file
+    weights = load_file(str(src / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, str(src / "model.safetensors"))
+    run = import_hf(src, tmp_path / "run")
+    ours, tok, _ = load_for_inference(run, device="cpu")
+    assert tok.eot_id == hf_tok.eos_token_id and tok.vocab_size == len(hf_tok)
+    ids = torch.tensor([tok.encode(TEXTS[1])[:40]])
+    with torch.no_grad():
+        assert (ours(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4

@@ -109,10 +109,14 @@ def to_hf_state(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def from_hf_state(layout: str, cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The HF model's state dict -> ours (the inverse of `to_hf_state`)."""
+    """The HF model's state dict -> ours (the inverse of `to_hf_state`). Every tensor must be used:
+    a leftover one means config.json does not describe these weights."""
+    used: set[str] = set()
+
     def take(name: str) -> torch.Tensor:
         if name not in hf:
             raise UserError(f"the checkpoint has no tensor {name!r}; is it complete (all shards present)?")
+        used.add(name)
         return hf[name]
 
     sd: dict[str, torch.Tensor] = {}
@@ -124,7 +128,8 @@ def from_hf_state(layout: str, cfg: ModelConfig, hf: dict[str, torch.Tensor]) ->
         for i in range(cfg.n_layers):
             h, p = f"h.{i}.", f"layers.{i}."
             for ours, theirs in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
-                sd[p + ours + ".weight"], sd[p + ours + ".bias"] = take(h + theirs + ".weight"), take(h + theirs + ".bias")
+                for s in ("weight", "bias"):
+                    sd[p + ours + "." + s] = take(h + theirs + "." + s)
             for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"),
                                  ("ffn.up_proj", "mlp.c_fc"), ("ffn.down_proj", "mlp.c_proj")):
                 sd[p + ours + ".weight"] = take(h + theirs + ".weight").t().contiguous()
@@ -142,7 +147,7 @@ def from_hf_state(layout: str, cfg: ModelConfig, hf: dict[str, torch.Tensor]) ->
                 sd[p + f"ffn.{n}.weight"] = take(h + f"mlp.{n}.weight")
             if cfg.bias:  # HF may have attention biases without MLP biases (or the reverse): zeros fill in
                 def bias(name: str, width: int) -> torch.Tensor:
-                    return hf.get(name, torch.zeros(width, dtype=sd["norm.weight"].dtype))
+                    return take(name) if name in hf else torch.zeros(width, dtype=sd["norm.weight"].dtype)
                 sd[p + "attn.qkv.bias"] = torch.cat([bias(h + f"self_attn.{n}_proj.bias", w) for n, w in
                                                      (("q", cfg.n_heads * cfg.head_dim),
                                                       ("k", cfg.kv_heads * cfg.head_dim),
@@ -152,6 +157,12 @@ def from_hf_state(layout: str, cfg: ModelConfig, hf: dict[str, torch.Tensor]) ->
                     sd[p + f"ffn.{n}.bias"] = bias(h + f"mlp.{n}.bias", w)
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = take("lm_head.weight")
+    # Causal-mask and RoPE-frequency buffers some checkpoints carry; a tied head's copy.
+    ignorable = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "lm_head.weight")
+    leftover = sorted(k for k in hf if k not in used and not k.endswith(ignorable))
+    if leftover:
+        raise UserError(f"the checkpoint has tensors its config.json does not describe ({', '.join(leftover[:3])}"
+                        f"{', ...' if len(leftover) > 3 else ''}); check num_hidden_layers/n_layer")
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
@@ -206,7 +217,8 @@ def model_config_from_hf(config: dict, where: Path) -> tuple[str, ModelConfig]:
         need(math.isclose(config.get("rms_norm_eps", 1e-6), NORM_EPS),
              f"rms_norm_eps={config.get('rms_norm_eps', 1e-6)} (scratchlm's RMSNorm uses 1e-5)")
         d, heads = config["hidden_size"], config["num_attention_heads"]
-        need(config.get("head_dim") in (None, d // heads), f"head_dim={config.get('head_dim')} is not hidden_size/heads")
+        need(config.get("head_dim") in (None, d // heads),
+             f"head_dim={config.get('head_dim')} is not hidden_size/num_attention_heads")
         cfg = ModelConfig(vocab_size=config["vocab_size"], context_length=config["max_position_embeddings"], d_model=d,
                           n_layers=config["num_hidden_layers"], n_heads=heads,
                           n_kv_heads=config.get("num_key_value_heads") or heads, d_ff=config["intermediate_size"],
@@ -327,9 +339,10 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     for k, v in sd.items():
         if own[k].shape != v.shape:
             raise UserError(f"{src}: tensor for {k} is {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}")
-    model.load_state_dict(sd, strict=not mcfg.tie_embeddings)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied head only
     state = {"step": 0, "tokens": 0, "planned_steps": cfg.train.max_steps, "best_val_loss": math.inf,
-             "elapsed": 0.0, "loader": {"epoch": 0, "batch_in_epoch": 0, "seed": cfg.run.seed},
+             "elapsed": 0.0, "loader": {"epoch": 0, "batch_in_epoch": 0, "seed": cfg.run.seed},  # a fresh loader's
              "model": model_fingerprint(cfg), "tokenizer_fingerprint": tok.fingerprint,
              "config": dataclasses.asdict(cfg), "imported_from": {"format": "hf", "path": str(src.resolve()),
                                                                   "architecture": layout}}

@@ -93,7 +93,7 @@ def stop_token_ids(tok: Tokenizer, template: Template | None) -> list[int]:
 
 
 def pad_token(tok: Tokenizer) -> str:
-    return PAD if PAD in tok.special_tokens else ENDOFTEXT
+    return PAD if PAD in tok.special_tokens else tok.eot_token
 
 
 def write_tokenizer_files(tok: Tokenizer, directory: Path, template: Template | None, max_length: int) -> None:
@@ -106,8 +106,8 @@ def write_tokenizer_files(tok: Tokenizer, directory: Path, template: Template | 
     write_text(directory / "tokenizer.json", json.dumps(to_hf_dict(tok), ensure_ascii=False))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": pad_token(tok), "unk_token": None,
-        "additional_special_tokens": [s for s in tok.special_tokens if s not in (ENDOFTEXT, PAD)],
+        "bos_token": tok.eot_token, "eos_token": tok.eot_token, "pad_token": pad_token(tok), "unk_token": None,
+        "additional_special_tokens": [s for s in tok.special_tokens if s not in (tok.eot_token, PAD)],
         "add_bos_token": False, "add_eos_token": False,
         "model_max_length": max_length, "clean_up_tokenization_spaces": False,
     }
@@ -153,7 +153,8 @@ def tokenizer_from_hf(directory: str | Path) -> Tokenizer:
                         f"{' with byte_fallback' if model.get('byte_fallback') else ''}, not byte-level BPE "
                         f"(SentencePiece-style tokenizers cannot be imported)")
     if d.get("normalizer"):
-        raise UserError(f"{path}: normalizer {d['normalizer'].get('type')!r} is not supported (byte-level BPE has none)")
+        raise UserError(f"{path}: normalizer {d['normalizer'].get('type')!r} is not supported "
+                        f"(byte-level BPE has none)")
     pattern = _pattern_of(d.get("pre_tokenizer"), path)
 
     u2b = {u: b for b, u in bytes_to_unicode().items()}
@@ -185,9 +186,28 @@ def tokenizer_from_hf(directory: str | Path) -> Tokenizer:
             raise UserError(f"{path}: token ids are not in merge order (merge {left!r} + {right!r} makes id {made} "
                             f"after id {last}); scratchlm's encoder needs id = merge rank")
         last = max(last, made)
-    tok = Tokenizer([], pattern=pattern, special_tokens=specials, vocab=vocab)
+    tok = Tokenizer([], pattern=pattern, special_tokens=specials, vocab=vocab,
+                    eot_token=_eos_token(directory, specials))
     _check_probe(tok, path)
     return tok
+
+
+def _eos_token(directory: str | Path, specials: dict[str, int]) -> str:
+    """The end-of-text token: tokenizer_config.json's eos_token (GPT-2: <|endoftext|>, Llama 3:
+    <|end_of_text|>), which scratchlm uses as its document separator."""
+    eos = None
+    path = Path(directory) / "tokenizer_config.json"
+    if path.exists():
+        try:
+            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise UserError(f"{path} is not readable JSON") from None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos = eos or ENDOFTEXT
+    if eos not in specials:
+        raise UserError(f"{directory}: the end-of-text token {eos!r} is not a special token of tokenizer.json; "
+                        f"scratchlm needs one to separate documents")
+    return eos
 
 
 def _check_probe(tok: Tokenizer, path: Path) -> None:

@@ -256,8 +256,9 @@ class Tokenizer:
 
     def __init__(self, merges: list[tuple[int, int]], pattern: str = GPT4_PATTERN,
                  special_tokens: Collection[str] | Mapping[str, int] = DEFAULT_SPECIAL_TOKENS, *,
-                 vocab: list[bytes] | None = None):
+                 vocab: list[bytes] | None = None, eot_token: str = ENDOFTEXT):
         self.pattern = pattern
+        self.eot_token = eot_token  # the document separator; imported tokenizers may name it otherwise
         self.custom_vocab = vocab is not None
         if vocab is None:
             self.merges = [tuple(m) for m in merges]
@@ -315,7 +316,7 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
-        return self.special_tokens[ENDOFTEXT]
+        return self.special_tokens[self.eot_token]
 
     def token_to_id(self, token: str) -> int:
         if token in self.special_tokens:
@@ -447,6 +448,7 @@ class Tokenizer:
             from scratchlm.tokenizer.hf_export import bytes_to_unicode
             b2u = bytes_to_unicode()
             d["version"] = VOCAB_FORMAT_VERSION
+            d["eot_token"] = self.eot_token
             d["vocab"] = ["".join(b2u[x] for x in b) for b in self.vocab]
         return d
 
@@ -492,7 +494,8 @@ class Tokenizer:
                 from scratchlm.tokenizer.hf_export import bytes_to_unicode
                 u2b = {u: b for b, u in bytes_to_unicode().items()}
                 vocab = [bytes(u2b[c] for c in t) for t in d["vocab"]]
-                tok = cls([], pattern=d["pattern"], special_tokens=dict(d["special_tokens"]), vocab=vocab)
+                tok = cls([], pattern=d["pattern"], special_tokens=dict(d["special_tokens"]), vocab=vocab,
+                          eot_token=d["eot_token"])
             else:
                 specials = sorted(d["special_tokens"], key=d["special_tokens"].get)
                 tok = cls([tuple(m) for m in d["merges"]], pattern=d["pattern"], special_tokens=specials)
