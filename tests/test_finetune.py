@@ -293,3 +293,24 @@ def test_finetune_sft_stores_the_template_resumes_and_generate_uses_it(tmp_path,
     from scratchlm.finetune.base import rebuild
     with pytest.raises(UserError, match="LoRA adapters only fit their own base"):
         rebuild(meta["config"], {**task, "base_fingerprint": "0" * 16}, meta["path"])
+
+
+def test_sft_resume_is_exact(tmp_path, base_run, shared):
+    """Kill-and-resume stand-in: drop the last checkpoint of a finished run and resume from the one
+    before; the data position (packing on) and everything else must give the same weights."""
+    import shutil
+    from safetensors.torch import load_file
+    data = tmp_path / "instr.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in json.loads((shared / "instruction-data.json").read_text())[:30]))
+    run = tmp_path / "sft"
+    args = ["finetune", "sft", "--ckpt", str(base_run), "--data", str(data), "--out", str(run),
+            *sets("train.max_steps=6", "finetune.packing=true", "train.keep_last=5")]
+    assert cli(*args).returncode == 0
+    last = run / "checkpoints" / "step_000006"
+    straight = load_file(str(last / "model.safetensors"))
+    shutil.rmtree(last)
+    shutil.rmtree(run / "best")
+    r = cli(*args, "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    resumed = load_file(str(last / "model.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
