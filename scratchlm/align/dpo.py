@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scratchlm.align.data import EncodedPair
+from scratchlm.train.objective import Objective
 
 
 # --- the loss ----------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class PairLoader:
         self._order = self._shuffle()
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     """What the one training loop learns from in a DPO run (see scratchlm/train/objective.py):
     preference pairs, the DPO loss, held-out preference metrics and samples for fixed prompts.
 
@@ -266,7 +267,7 @@ class DPOObjective:
     def _reference_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen" in batch:
             return batch["ref_chosen"], batch["ref_rejected"]
-        device = next(model.parameters()).device
+        device = batch["input_ids"].device
         if next(self.reference.parameters()).device != device:
             self.reference.to(device)
         with torch.no_grad():
@@ -315,5 +316,3 @@ class DPOObjective:
         return {"kind": "dpo", "template": self.template.name, "reference": self.reference_path, "beta": self.beta,
                 "length_normalize": self.length_normalize, "label_smoothing": self.label_smoothing}
 
-    def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        return None
