@@ -131,6 +131,41 @@ def cmd_eval_preference(a) -> None:
     save_json(Path(out["ckpt"]).parent.parent / "eval_preference.json", out)
 
 
+def cmd_finetune(a) -> None:
+    from scratchlm.config import load_config
+    from scratchlm.finetune.run import finetune_classify, finetune_sft
+    cfg = load_config(a.config, a.overrides)
+    out = Path(a.out)
+    cfg.run.out_dir, cfg.run.name = str(out.parent), out.name
+    run = finetune_classify if a.task == "classify" else finetune_sft
+    r, report = run(cfg, a.ckpt, a.data, resume=a.resume)
+    if not r.is_main:
+        return
+    from scratchlm.report import plot_loss
+    plot_loss(r.run_dir / "metrics.jsonl", r.run_dir / "loss.png")
+    if a.task == "classify":
+        result = f"test accuracy {report['test']['accuracy']:.4f} (n={report['test']['n']})"
+    else:
+        result = f"test response loss {report['test_response_loss']:.4f}"
+    print(f"done: {r.step} steps, {r.tokens:,} tokens, {r.tokens_per_s:,.0f} tokens/s, stopped by {r.stopped_by}; "
+          f"{result}; run in {r.run_dir}")
+
+
+def cmd_classify(a) -> None:
+    from scratchlm.finetune.classify import classifier_task, classify_texts
+    from scratchlm.train.checkpoint import load_for_inference
+    texts = list(a.text)
+    if a.file:
+        texts += [line for line in _read_input(a.file).splitlines() if line.strip()]
+    if not texts:
+        raise UserError("nothing to classify: give texts as arguments or --file FILE (one text per line)")
+    model, tok, meta = load_for_inference(a.ckpt, device=a.device)
+    task = classifier_task(meta, a.ckpt)
+    for text, res in zip(texts, classify_texts(model, tok, task, texts)):
+        print(json.dumps({"text": text, **res}, ensure_ascii=False) if a.json else
+              f"{res['label']}\t{res['probability']:.3f}\t{text}")
+
+
 def cmd_eval(a) -> None:
     if a.task == "preference":
         return cmd_eval_preference(a)
@@ -139,7 +174,12 @@ def cmd_eval(a) -> None:
     from scratchlm.train.checkpoint import load_for_inference
     model, tok, meta = load_for_inference(a.ckpt, device=a.device)
     amp = autocast(next(model.parameters()).device, "fp32")
-    if a.task == "perplexity":
+    if a.task == "classify":
+        from scratchlm.finetune.classify import classifier_task, evaluate_file
+        out = evaluate_file(model, tok, classifier_task(meta, a.ckpt), a.data)
+        f1 = ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in out["per_class"].items())
+        print(f"classify: accuracy {out['accuracy']:.4f}, {f1}, n={out['n']}")
+    elif a.task == "perplexity":
         from scratchlm.data.shards import INDEX, load_split
         from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
         import numpy as np
@@ -186,12 +226,15 @@ def cmd_align(a) -> None:
 
 
 def cmd_generate(a) -> None:
+    from scratchlm.finetune.templates import task_prompts
     from scratchlm.generate import SamplingConfig, generate
     from scratchlm.train.checkpoint import load_for_inference
-    model, tok, _ = load_for_inference(a.ckpt, device=a.device)
+    model, tok, meta = load_for_inference(a.ckpt, device=a.device)
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=0 if a.greedy else a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop)
     prompts = a.prompt or [""]
+    # An instruction-tuned run answers in its template and stops on its end token, unless --raw.
+    prompts, cfg.stop_tokens = task_prompts(meta["state"].get("task") or {}, tok, prompts, raw=a.raw)
     if len(prompts) == 1:
         sys.stdout.write(prompts[0])
         generate(model, tok, prompts[0], cfg, stream=True)
@@ -271,9 +314,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, preference pairs",
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint: a classifier, or instruction following (SFT)",
                        formatter_class=fmt)
-    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "preference"])
+    p.add_argument("task", choices=["classify", "sft"])
+    p.add_argument("--ckpt", required=True, help="base checkpoint or run directory")
+    p.add_argument("--data", required=True, help="classify: label<TAB>text TSV, CSV or JSONL {text, label}; "
+                   "sft: Alpaca JSON/JSONL {instruction, input, output} or chat JSONL {messages}")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/spam")
+    p.add_argument("--config", default="finetune", help="preset name or .toml path")
+    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    _add_set(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("classify", help="classify texts with a fine-tuned classifier", formatter_class=fmt)
+    p.add_argument("text", nargs="*", help="texts to classify")
+    p.add_argument("--ckpt", required=True, help="classifier checkpoint or run directory")
+    p.add_argument("--file", help="a file of texts, one per line (- for stdin)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text, with every class's probability")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier, preference pairs",
+                       formatter_class=fmt)
+    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify", "preference"])
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="text file or prepared dataset (perplexity); task file or dir")
     p.add_argument("--split", default="val")
@@ -313,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="an SFT run: do not wrap the prompt in its template")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)

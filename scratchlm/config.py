@@ -87,6 +87,46 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    template: str = "alpaca"       # sft: alpaca | chat (stored in the checkpoint; generate/chat/serve use it)
+    train_on_prompt: bool = False  # sft: the loss also covers prompt tokens (default: response + end token)
+    max_length: int = 0            # tokens per example; 0 = the model's context (+1 for the shifted target)
+    packing: bool = False          # sft: several examples per sequence (attention kept within each)
+    trainable: str = "auto"        # auto | all | lora; classify also head | last-block (auto: classify
+                                   # last-block, the book's choice; sft all)
+    init: str = "pretrained"       # pretrained | random: start from the base's weights or its shape only
+    balanced: bool = False         # classify: draw every class equally often
+    epochs: float = 0.0            # > 0: train this many passes over the training split (sets max_steps)
+    val_fraction: float = 0.1      # held-out shares of the data file, split by run.seed
+    test_fraction: float = 0.2
+
+
+TARGETS = ("q", "k", "v", "o", "mlp", "head")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0            # the update is scaled by alpha / rank
+    dropout: float = 0.0           # on the adapters' input only
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # from q k v o mlp head
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> "LoraConfig":
+        if self.rank < 1:
+            raise UserError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise UserError(f"lora.targets {self.targets} must be a non-empty list from {', '.join(TARGETS)}")
+        return self
+
+
+@dataclass
 class DPOConfig:
     beta: float = 0.1              # strength of the leash to the reference: reward = beta * log(pi / pi_ref)
     label_smoothing: float = 0.0   # conservative DPO: the share of preference labels assumed flipped
@@ -108,6 +148,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     @property
