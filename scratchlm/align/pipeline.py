@@ -101,6 +101,11 @@ def align_dpo(cfg: Config, start: str, data: str, ref: str | None = None, resume
     _check(cfg)
     d = cfg.dpo
     model, tok, meta = load_for_inference(start, device="cpu")
+    if meta["state"]["task"].get("kind") == "classify":
+        raise UserError(f"{start} is a classifier; DPO starts from a language model (an SFT run)")
+    if getattr(model, "lora", None):
+        from scratchlm.finetune.lora import merge_and_unload
+        model = merge_and_unload(model)  # a LoRA SFT run: fold its adapters in, then train every weight
     template = _template_of(meta, d.template, start)
     check_tokenizer(tok, template)
     cfg.model = copy.deepcopy(meta["config"].model)  # the policy keeps the starting model's shape
