@@ -143,6 +143,19 @@ def cmd_pretrain(a) -> None:
           f"run in {r.run_dir}")
 
 
+def cmd_eval_preference(a) -> None:
+    from scratchlm.align.pipeline import eval_preference
+    from scratchlm.atomic import save_json
+    out = eval_preference(a.ckpt, a.data, ref=a.ref, beta=a.beta, template=a.template or "",
+                          on_bad_record=a.on_bad_record, device=a.device)
+    lo, hi = out["accuracy_ci95"]
+    against = f"reference {out['reference']}" if out["reference"] else "no reference"
+    print(f"preference: accuracy {out['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}), mean margin {out['margin']:.4f}, "
+          f"loss {out['loss']:.4f}, ties {out['ties']}, n={out['n']} (beta {out['beta']}, {against}"
+          + (f", {out['skipped']} skipped" if out["skipped"] else "") + ")")
+    save_json(Path(out["ckpt"]).parent.parent / "eval_preference.json", out)
+
+
 def cmd_finetune(a) -> None:
     from scratchlm.config import load_config
     from scratchlm.finetune.run import finetune_classify, finetune_sft
@@ -179,6 +192,8 @@ def cmd_classify(a) -> None:
 
 
 def cmd_eval(a) -> None:
+    if a.task == "preference":
+        return cmd_eval_preference(a)
     from scratchlm.train.precision import autocast
     from scratchlm.atomic import save_json
     from scratchlm.train.checkpoint import load_for_inference
@@ -216,6 +231,23 @@ def cmd_eval(a) -> None:
     run_dir = Path(meta["path"]).parent.parent
     save_json(run_dir / f"eval_{a.task}.json", {"task": a.task, "data": a.data, **out})
     print(json.dumps({k: v for k, v in out.items() if k != "per_subject"}, indent=1))
+
+
+def cmd_align(a) -> None:
+    from scratchlm.align.pipeline import align_dpo
+    from scratchlm.config import load_config
+    extra = [f"run.out_dir={Path(a.out).parent}", f"run.name={Path(a.out).name}"]
+    if a.beta is not None:
+        extra.append(f"dpo.beta={a.beta}")
+    if a.on_bad_record:
+        extra.append(f"dpo.on_bad_record={a.on_bad_record}")
+    cfg = load_config(a.config, list(a.overrides) + extra)
+    r = align_dpo(cfg, a.ckpt, a.data, ref=a.ref, resume=a.resume)
+    if r.is_main:
+        ev = r.final_eval
+        print(f"done: {r.step} steps, stopped by {r.stopped_by}; held-out preference accuracy "
+              f"{ev.get('val_accuracy', float('nan')):.3f}, margin {ev.get('val_margin', float('nan')):.3f}; "
+              f"run in {r.run_dir}")
 
 
 def cmd_generate(a) -> None:
@@ -350,9 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier",
+    p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier, preference pairs",
                        formatter_class=fmt)
-    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify"])
+    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify", "preference"])
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="text file or prepared dataset (perplexity); task file or dir")
     p.add_argument("--split", default="val", help="split of a prepared dataset to score (perplexity)")
@@ -362,8 +394,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="score at most this many items (0 = all)")
     p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop",
                    help="what to do with an unreadable item")
+    p.add_argument("--ref", default=None, help="preference: reference checkpoint (default: the run's recorded "
+                   "reference; 'none' compares log p(chosen) with log p(rejected))")
+    p.add_argument("--beta", type=float, default=None, help="preference: reward scale (default: the run's, or 0.1)")
+    p.add_argument("--template", default=None, help="preference: alpaca | chat (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("align", help="preference alignment (DPO) of a fine-tuned checkpoint", formatter_class=fmt)
+    asub = p.add_subparsers(dest="method", required=True)
+    t = asub.add_parser("dpo", help="Direct Preference Optimization on chosen/rejected pairs", formatter_class=fmt)
+    t.add_argument("--ckpt", required=True, help="starting checkpoint or run (usually SFT); also the reference")
+    t.add_argument("--data", required=True, help="pairs: JSONL {prompt, chosen, rejected}, the book's preference "
+                   "JSON, or HH-RLHF {chosen, rejected} transcripts (.jsonl[.gz])")
+    t.add_argument("--out", required=True, help="run directory, e.g. runs/dpo")
+    t.add_argument("--ref", default=None, help="reference checkpoint (default: --ckpt)")
+    t.add_argument("--beta", type=float, default=None, help="dpo.beta (default from the config: 0.1)")
+    t.add_argument("--config", default="dpo", help="preset name or .toml path")
+    t.add_argument("--on-bad-record", choices=["stop", "skip"], default=None, help="dpo.on_bad_record")
+    t.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    _add_set(t)
+    t.set_defaults(func=cmd_align)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint", formatter_class=fmt)
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")

@@ -133,6 +133,20 @@ class LoraConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1              # strength of the leash to the reference: reward = beta * log(pi / pi_ref)
+    label_smoothing: float = 0.0   # conservative DPO: the share of preference labels assumed flipped
+    length_normalize: bool = False # average response log-probs over tokens instead of summing (book variant)
+    precompute_reference: bool = True  # reference log-probs once, stored with the pairs; no reference in memory
+    template: str = ""             # "" = the starting checkpoint's template; else alpaca | chat
+    val_fraction: float = 0.1      # share of pairs held out (split by run.seed)
+    max_pairs: int = 0             # 0 = all; a cap for quick runs
+    on_bad_record: str = "stop"    # stop | skip
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "Give three tips for staying healthy.", "What is the capital of France?"])
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +156,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -192,12 +192,12 @@ def encode_prompt_response(tok, template: Template, prompt_messages: list[dict],
 
 def task_prompts(task: dict, tok, texts: list[str], raw: bool = False) -> tuple[list[str], list[int]]:
     """What `generate` feeds a checkpoint, given its task metadata (meta["state"]["task"]): an SFT
-    run's prompts wrapped in its stored template as one user turn, and its end token as the stop
+    (or DPO) run's prompts wrapped in its stored template as one user turn, and its end token as the stop
     token; any other language model's prompts as they are, stopping at <|endoftext|>."""
     kind = task.get("kind", "pretrain")
     if kind == "classify":
         raise UserError("this checkpoint is a classifier; use `scratchlm classify --ckpt ... TEXT`")
-    if kind != "sft" or raw or not task.get("template"):
+    if kind not in ("sft", "dpo") or raw or not task.get("template"):
         return list(texts), [tok.eot_id]
     template = get_template(task["template"])
     check_tokenizer(tok, template)
