@@ -167,6 +167,18 @@ def cmd_generate(a) -> None:
             print(f"--- {p!r}\n{p}{text}")
 
 
+def cmd_serve(a) -> None:
+    from scratchlm.serve.api import serve
+    serve(a.ckpt, host=a.host, port=a.port, api_key=a.api_key, device=a.device, max_batch=a.max_batch,
+          max_queue=a.max_queue, model_name=a.model_name)
+
+
+def cmd_chat(a) -> None:
+    from scratchlm.serve.terminal import chat
+    chat(a.ckpt, device=a.device, max_tokens=a.max_tokens, temperature=0 if a.greedy else a.temperature,
+         top_p=a.top_p, seed=a.seed, system=a.system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizer, "
@@ -263,6 +275,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and a web chat page (needs the serve extra)",
+                       formatter_class=fmt)
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the directory's)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal", formatter_class=fmt)
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_chat)
     _fill_help(parser)
     return parser
 
