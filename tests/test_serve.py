@@ -296,3 +296,49 @@ def test_queue_full_gets_429_and_a_disconnect_frees_the_slot(slow_server):
     assert engine.stats()["cancelled"] >= 1
     r = c.completions.create(model="tiny", prompt="Once", max_tokens=4)
     assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
+
+
+# --- the terminal chat ------------------------------------------------------------------------------------
+def test_terminal_chat_keeps_history_and_survives_a_conversation_longer_than_the_context():
+    from scratchlm.serve.terminal import chat_loop
+    model, tok = trained_model()
+    engine = Engine(model, tok, max_batch=1, max_queue=1).start()
+    fmt = ChatFormat.for_checkpoint(tok, {"state": {"task": {"kind": "sft", "template": "chat"}}})
+    lines = iter([f"turn {i}: " + "tell me the story " * 3 for i in range(8)] + ["/reset", "Once upon"])
+    out: list[str] = []
+
+    def read(_prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError  # what input() raises at the end of stdin
+        return line
+    try:
+        history = chat_loop(engine, fmt, max_tokens=20, temperature=0, read=read, write=out.append)
+    finally:
+        engine.shutdown()
+    text = "".join(out)
+    assert text.count("bot> ") == 9 and "(new conversation)" in text
+    assert "no longer fit the context" in text          # 8 long turns do not fit 128 tokens: trimmed, no crash
+    assert [m["role"] for m in history] == ["user", "assistant"]  # after /reset only the last exchange is kept
+    assert history[0]["content"] == "Once upon"
+
+
+def test_scratchlm_chat_cli_on_a_checkpoint(tmp_path, monkeypatch, capsys):
+    import io
+
+    from scratchlm.cli import main
+    from scratchlm.config import Config, to_dict
+    from scratchlm.train import checkpoint as ckpt
+    model, tok = trained_model()
+    cfg = Config()
+    cfg.model = model.cfg
+    run = tmp_path / "run"
+    tok.save(run / "tokenizer")
+    ckpt.save_checkpoint(run / "checkpoints", 1, model, None,
+                         {"config": to_dict(cfg), "tokenizer_fingerprint": tok.fingerprint,
+                          "task": {"kind": "sft", "template": "chat"}})
+    monkeypatch.setattr("sys.stdin", io.StringIO("Once upon\nand then?\n"))
+    assert main(["chat", "--ckpt", str(run), "--greedy", "--max-tokens", "12", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "chat-template model" in out and out.count("bot> ") == 2
+    assert main(["chat", "--ckpt", str(tmp_path / "missing")]) == 2

@@ -15,8 +15,9 @@ from scratchlm.serve.text import ChatFormat
 
 def chat_loop(engine: Engine, fmt: ChatFormat, max_tokens: int = 256, temperature: float = 0.8,
               top_p: float = 1.0, seed: int | None = None, system: str | None = None,
-              read: Callable[[str], str] = input, write: Callable[[str], object] = sys.stdout.write) -> list[dict]:
+              read: Callable[[str], str] = input, write: Callable[[str], object] | None = None) -> list[dict]:
     """Run the chat until /quit or end of input; returns the conversation."""
+    write = write or _write
     context = engine.context
     reserve = min(max_tokens, context // 2)  # room for the reply, as the server keeps it
     history: list[dict] = []
@@ -56,6 +57,11 @@ def chat_loop(engine: Engine, fmt: ChatFormat, max_tokens: int = 256, temperatur
         write("\n")
         history.append({"role": "assistant", "content": reply})
     return history
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()  # show each piece of a reply as it arrives
 
 
 def chat(ckpt: str, device: str = "auto", **kw) -> None:
