@@ -285,6 +285,18 @@ def cmd_import(a) -> None:
     print(f"imported {a.src} -> run {out} (use it with generate/eval --ckpt {out})")
 
 
+def cmd_serve(a) -> None:
+    from scratchlm.serve.api import serve
+    serve(a.ckpt, host=a.host, port=a.port, api_key=a.api_key, device=a.device, max_batch=a.max_batch,
+          max_queue=a.max_queue, model_name=a.model_name)
+
+
+def cmd_chat(a) -> None:
+    from scratchlm.serve.terminal import chat
+    chat(a.ckpt, device=a.device, max_tokens=a.max_tokens, temperature=0 if a.greedy else a.temperature,
+         top_p=a.top_p, seed=a.seed, system=a.system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizer, "
@@ -379,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="classifier checkpoint or run directory")
     p.add_argument("--file", help="a file of texts, one per line (- for stdin)")
     p.add_argument("--json", action="store_true", help="one JSON object per text, with every class's probability")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier, preference pairs",
@@ -446,6 +458,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="directory with config.json, weights and tokenizer.json")
     p.add_argument("--out", required=True, help="new run directory")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and a web chat page (needs the serve extra)",
+                       formatter_class=fmt)
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the directory's)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal", formatter_class=fmt)
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
+    p.add_argument("--temperature", type=float, default=0.8, help="below 1: safer; above 1: more varied")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens holding this much probability")
+    p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
