@@ -1,0 +1,344 @@
+"""`scratchlm plan`: what a training run will cost, before you rent the GPUs.
+
+    plan = make_plan(load_config("gpt2-124m"), tokens=10e9, devices=8, mfu=0.4)
+    print(render(plan))
+
+Three numbers decide a run, and all three follow from the config:
+  - compute: tokens x FLOPs per token (6N + attention, `model/accounting.py`);
+  - time:    compute / (devices x peak FLOP/s x MFU) — the peak is the datasheet's dense bf16
+             figure, MFU (model FLOPs utilisation) the share of it a real run achieves: ~30-55%
+             for well-tuned GPU runs (see the README's comparison with published runs);
+  - memory:  per device — fp32 weights, gradients and AdamW moments (16 bytes per parameter,
+             sharded by FSDP), plus the activations of one micro-batch.
+It warns when the batch cannot be split over grad_accum x devices, or a device cannot hold it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from scratchlm.config import Config
+from scratchlm.errors import UserError
+from scratchlm.model.accounting import ActivationMemory, ParamCounts, activation_bytes, flops_per_token, param_counts
+
+GiB = 1024 ** 3
+GPU_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS workspace, allocator slack: rough, but never zero
+COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al. 2022); nanochat's d20 uses it
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    key: str              # the name on the command line (--price KEY=USD)
+    label: str
+    bf16: float           # dense peak FLOP/s on the tensor cores (no 2:4 sparsity)
+    fp32: float           # dense fp32 peak (what fp32 matmuls get without TF32, PyTorch's default)
+    memory_gib: float     # what nvidia-smi reports as total, in GiB
+    price: float | None   # USD per GPU-hour, a default to override with --price
+    source: str
+
+
+# Datasheets print the sparse figure first, twice the dense one; these are dense.
+ACCELERATORS: list[Accelerator] = [
+    Accelerator("a100-40gb", "A100 40GB", 312e12, 19.5e12, 40, 1.29, "NVIDIA A100 datasheet"),
+    Accelerator("a100-80gb", "A100 80GB", 312e12, 19.5e12, 80, 1.75, "NVIDIA A100 datasheet"),
+    Accelerator("h100", "H100 SXM", 989e12, 67e12, 79.6, 3.00, "NVIDIA H100 datasheet"),
+    Accelerator("h200", "H200 SXM", 989e12, 67e12, 140.4, 3.50, "NVIDIA H200 datasheet"),
+    Accelerator("l4", "L4", 121e12, 30.3e12, 22.5, 0.80, "NVIDIA L4 datasheet"),
+    Accelerator("rtx4090", "RTX 4090", 165.2e12, 82.6e12, 24, 0.40, "NVIDIA Ada whitepaper (BF16, FP32 accumulate)"),
+]
+CPU_KEY = "cpu"
+
+
+@dataclass
+class DeviceMemory:
+    """Bytes on one device during a training step."""
+    weights: float
+    gradients: float
+    optimizer: float
+    communication: float      # DDP's gradient buckets, or FSDP's gathered blocks
+    activations: ActivationMemory
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.communication
+                + self.activations.total + self.overhead)
+
+
+@dataclass
+class Row:
+    accelerator: Accelerator
+    devices: int
+    peak: float               # FLOP/s of one device
+    peak_note: str
+    memory: DeviceMemory
+    fits: str                 # "yes", "tight" (over 90%), "no"
+    seconds: float
+    price: float | None
+
+    @property
+    def cost(self) -> float | None:
+        return None if self.price is None else self.seconds / 3600 * self.devices * self.price
+
+
+@dataclass
+class Plan:
+    name: str
+    cfg: Config
+    counts: ParamCounts
+    flops_per_token: float
+    tokens: float
+    tokens_note: str
+    devices: int
+    parallel: str
+    precision: str
+    mfu: float
+    checkpointing: bool
+    micro_batch: int
+    memory: DeviceMemory              # per GPU, as planned (with or without checkpointing)
+    memory_other: DeviceMemory        # the same, the other way round
+    rows: list[Row]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_flops(self) -> float:
+        return self.tokens * self.flops_per_token
+
+    @property
+    def steps(self) -> float:
+        return self.tokens / (self.cfg.train.batch_size * self.cfg.model.context_length)
+
+
+def device_memory(cfg: Config, counts: ParamCounts, micro_batch: int, devices: int, parallel: str,
+                  precision: str, checkpointing: bool, overhead: float) -> DeviceMemory:
+    """Per-device memory. The trainer keeps fp32 master weights (autocast computes in bf16):
+    4 B weights + 4 B gradients + 8 B AdamW moments per parameter. DDP keeps all of it on every
+    device, plus its gradient buckets (4 B, a copy of the gradients for the all-reduce); FSDP
+    keeps 1/devices of it, plus the embeddings/head module gathered for the whole step and up
+    to two blocks gathered at a time (the next one prefetched), in fp32, with their gradients."""
+    n = counts.total
+    shard = devices if parallel == "fsdp" and devices > 1 else 1
+    if devices > 1 and parallel == "fsdp":
+        gathered = counts.outside_blocks + 2 * counts.per_block
+        communication = 4 * gathered + 4 * (counts.outside_blocks + counts.per_block)
+    elif devices > 1:
+        communication = 4 * n
+    else:
+        communication = 0
+    acts = activation_bytes(cfg.model, micro_batch * cfg.model.context_length, precision, checkpointing)
+    return DeviceMemory(4 * n / shard, 4 * n / shard, 8 * n / shard, communication, acts, overhead)
+
+
+def _fits(total: float, memory_gib: float) -> str:
+    if total > memory_gib * GiB:
+        return "no"
+    return "tight" if total > 0.9 * memory_gib * GiB else "yes"
+
+
+def _cpu_accelerator(precision: str, peak: float | None) -> tuple[Accelerator, float, str]:
+    """This machine: its peak is measured (there is no datasheet for "this CPU"), its memory read."""
+    if peak is None:
+        import torch
+        from scratchlm.train.precision import measured_peak_flops
+        peak = measured_peak_flops(torch.device("cpu"), precision)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    except (ValueError, OSError, AttributeError):
+        ram = 0.0
+    acc = Accelerator(CPU_KEY, "this CPU", peak, peak, ram, None, "measured: 1024x1024 matmul")
+    return acc, peak, f"measured, {precision}"
+
+
+def _batch_warning(batch: int, grad_accum: int, devices: int) -> str | None:
+    split = grad_accum * devices
+    if batch % split == 0:
+        return None
+    sizes = [s for s in ((batch // split) * split, (batch // split + 1) * split) if s > 0]
+    accums = [g for g in range(1, 65) if batch % (g * devices) == 0][:6]
+    hint = f", or train.grad_accum in {{{', '.join(map(str, accums))}}}" if accums else ""
+    return (f"train.batch_size={batch} does not divide by train.grad_accum ({grad_accum}) x devices "
+            f"({devices}) = {split}: the trainer will refuse it; use a batch size of "
+            f"{' or '.join(map(str, sizes))}{hint}")
+
+
+def make_plan(cfg: Config, *, tokens: float | None = None, compute_optimal: bool = False,
+              devices: int = 1, parallel: str | None = None, mfu: float = 0.4,
+              activation_checkpointing: bool = False, prices: dict[str, float] | None = None,
+              cpu_peak: float | None = None, name: str = "") -> Plan:
+    """Plan a run of `cfg`. tokens: how many to train on (default: the config's own run,
+    train.max_tokens or max_steps x batch x context); compute_optimal: 20 tokens per parameter.
+    cpu_peak: FLOP/s of this CPU (default: measured now, ~0.3 s)."""
+    import copy
+    cfg = copy.deepcopy(cfg)
+    tc, mc = cfg.train, cfg.model
+    parallel = parallel or tc.parallel
+    prices = dict(prices or {})
+    warnings: list[str] = []
+    if parallel not in ("ddp", "fsdp"):
+        raise UserError(f"--parallel must be ddp or fsdp, got {parallel!r}")
+    if devices < 1:
+        raise UserError(f"--devices must be at least 1, got {devices}")
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu is a fraction of the peak, in (0, 1], got {mfu} (e.g. 0.4 for 40%)")
+    known = {a.key for a in ACCELERATORS} | {CPU_KEY}
+    for key, value in prices.items():
+        if key not in known:
+            raise UserError(f"--price {key}=...: unknown accelerator; known: {', '.join(sorted(known))}")
+        if value < 0:
+            raise UserError(f"--price {key}={value}: a price cannot be negative")
+    if mc.vocab_size == 0:  # the presets size the model from the tokenizer they train
+        mc.vocab_size = cfg.tokenizer.vocab_size
+        warnings.append(f"model.vocab_size is 0 (= the tokenizer's): planned with tokenizer.vocab_size="
+                        f"{mc.vocab_size}")
+    mc.validate()
+    if tc.batch_size < 1 or tc.grad_accum < 1:
+        raise UserError("train.batch_size and train.grad_accum must be at least 1")
+
+    counts = param_counts(mc)
+    fpt = flops_per_token(mc)
+    if compute_optimal and tokens is not None:
+        raise UserError("give --tokens or --compute-optimal, not both")
+    if compute_optimal:
+        tokens = COMPUTE_OPTIMAL_TOKENS_PER_PARAM * counts.total
+        note = f"compute-optimal: {COMPUTE_OPTIMAL_TOKENS_PER_PARAM} tokens per parameter (Chinchilla)"
+    elif tokens is not None:
+        note = "as asked"
+    elif tc.max_tokens:
+        tokens, note = float(tc.max_tokens), "the config's train.max_tokens"
+    else:
+        tokens = float(tc.max_steps * tc.batch_size * mc.context_length)
+        note = (f"the config's run: train.max_steps={tc.max_steps:,} x {tc.batch_size} sequences "
+                f"x {mc.context_length} tokens")
+    if not tokens or tokens <= 0:
+        raise UserError(f"--tokens must be positive, got {tokens}")
+
+    problem = _batch_warning(tc.batch_size, tc.grad_accum, devices)
+    if problem:
+        warnings.append(problem)
+    micro = max(1, tc.batch_size // (tc.grad_accum * devices))
+    gpu_precision = "fp32" if tc.precision == "fp32" else "bf16"  # "auto" is bf16 on these GPUs
+
+    def gpu_memory(ckpt: bool) -> DeviceMemory:
+        return device_memory(cfg, counts, micro, devices, parallel, gpu_precision, ckpt, GPU_OVERHEAD)
+
+    memory, other = gpu_memory(activation_checkpointing), gpu_memory(not activation_checkpointing)
+    recompute = 4 / 3 if activation_checkpointing else 1.0  # every block's forward runs twice
+
+    rows: list[Row] = []
+    for acc in ACCELERATORS:
+        peak = acc.bf16 if gpu_precision == "bf16" else acc.fp32
+        seconds = tokens * fpt * recompute / (devices * peak * mfu)
+        rows.append(Row(acc, devices, peak, f"{gpu_precision} dense", memory,
+                        _fits(memory.total, acc.memory_gib), seconds, prices.get(acc.key, acc.price)))
+
+    from scratchlm.train.precision import cpu_supports_bf16
+    cpu_precision = "fp32" if tc.precision == "fp32" or not cpu_supports_bf16() else "bf16"
+    cpu, peak, peak_note = _cpu_accelerator(cpu_precision, cpu_peak)
+    cpu_micro = max(1, tc.batch_size // tc.grad_accum)  # one process: more processes add no FLOPs
+    cpu_mem = device_memory(cfg, counts, cpu_micro, 1, parallel, cpu_precision, activation_checkpointing, 0)
+    rows.append(Row(cpu, 1, peak, peak_note, cpu_mem, _fits(cpu_mem.total, cpu.memory_gib) if cpu.memory_gib
+                    else "?", tokens * fpt * recompute / (peak * mfu), prices.get(CPU_KEY)))
+
+    too_small = [r.accelerator.label for r in rows[:-1] if r.fits == "no"]
+    if too_small:
+        fixes = ["--activation-checkpointing"] if not activation_checkpointing else []
+        if devices > 1 and parallel == "ddp":
+            fixes.insert(0, "--parallel fsdp")
+        if micro > 1:
+            fixes.append(f"a smaller micro-batch (raise train.grad_accum; now {micro} sequences per device)")
+        fixes.append("more devices" if parallel == "fsdp" or devices == 1 else "")
+        warnings.append(f"needs ~{memory.total / GiB:.1f} GiB per device: does not fit on "
+                        f"{', '.join(too_small)}; try {', '.join(f for f in fixes if f)}")
+    if activation_checkpointing:
+        warnings.append("activation checkpointing is planned here, but scratchlm's trainer does not "
+                        "implement it yet: a real run needs the memory without it")
+    if devices > 8:
+        warnings.append(f"{devices} devices is several nodes: the MFU assumes the interconnect keeps up "
+                        f"(across nodes without InfiniBand it usually does not)")
+    return Plan(name, cfg, counts, fpt, tokens, note, devices, parallel, gpu_precision, mfu,
+                activation_checkpointing, micro, memory, other, rows, warnings)
+
+
+# --- printing -----------------------------------------------------------------------------------
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.2f}"
+
+
+def render(plan: Plan) -> str:
+    c, mc, tc = plan.counts, plan.cfg.model, plan.cfg.train
+    out = []
+    where = f"{plan.devices} device{'s' if plan.devices > 1 else ''}" + (
+        f", {plan.parallel.upper()}" if plan.devices > 1 else "")
+    out.append(f"plan: {plan.name or 'config'}, {_count(plan.tokens)} tokens on {where}, "
+               f"{plan.precision}, MFU {plan.mfu:.0%}")
+    emb = f"token table {_count(c.token_embedding)}"
+    if c.position_embedding:
+        emb += f", position table {_count(c.position_embedding)}"
+    if c.output_head:
+        emb += f", untied output head {_count(c.output_head)}"
+    out.append(f"\nparameters  {_count(c.total)} total = {_count(c.non_embedding)} non-embedding + {emb}")
+    out.append(f"            {_count(c.matmul)} in matmuls (N below: lookup tables cost no FLOPs; "
+               f"{'a tied table counts once, as the output head' if c.tied else 'the head counts'})")
+    attn = 12 * mc.n_layers * mc.d_model * mc.context_length
+    out.append(f"FLOPs/token {_count(plan.flops_per_token)} = 6N ({_count(6 * c.matmul)}: forward 2N + backward 4N)"
+               f" + 12 x layers x width x context ({_count(attn)}: attention scores and mix, PaLM appendix B)")
+    out.append(f"tokens      {_count(plan.tokens)} ({plan.tokens_note}); {_count(plan.tokens / c.total)} per parameter")
+    out.append(f"compute     {plan.total_flops:.3g} FLOPs; {plan.steps:,.0f} optimizer steps of {tc.batch_size} x "
+               f"{mc.context_length} tokens; micro-batch {plan.micro_batch} sequences per device "
+               f"(batch {tc.batch_size} / grad_accum {tc.grad_accum} / {plan.devices} devices)")
+
+    with_ck, without = (plan.memory, plan.memory_other) if plan.checkpointing else (plan.memory_other, plan.memory)
+    shard = f" / {plan.devices}" if plan.parallel == "fsdp" and plan.devices > 1 else ""
+    comm = {"fsdp": "FSDP gathered blocks + grads", "ddp": "DDP gradient buckets"}[plan.parallel]
+    out.append(f"\nmemory per GPU (GiB)                 {'without':>8} {'with activation checkpointing':>30}")
+    lines = [(f"weights, fp32 (4 B/param{shard})", without.weights, with_ck.weights),
+             (f"gradients, fp32 (4 B/param{shard})", without.gradients, with_ck.gradients),
+             (f"AdamW moments (8 B/param{shard})", without.optimizer, with_ck.optimizer),
+             (comm if plan.devices > 1 else "(one device: no communication)", without.communication,
+              with_ck.communication),
+             ("bf16 weight copies (autocast)", without.activations.weight_copies, with_ck.activations.weight_copies),
+             (f"activations ({plan.micro_batch} x {mc.context_length} tokens)", without.activations.saved,
+              with_ck.activations.saved),
+             ("logits + their gradient", without.activations.logits, with_ck.activations.logits),
+             ("CUDA context, workspace (rough)", without.overhead, with_ck.overhead)]
+    for label, a, b in lines:
+        out.append(f"  {label:<35}{_gib(a):>8} {_gib(b):>30}")
+    out.append(f"  {'total':<35}{_gib(without.total):>8} {_gib(with_ck.total):>30}")
+
+    slow = " (x4/3: checkpointing recomputes each block's forward)" if plan.checkpointing else ""
+    out.append(f"\ntime and cost at MFU {plan.mfu:.0%}{slow}")
+    out.append(f"  {'accelerator':<16}{'peak TFLOP/s':>18} {'memory':>8} {'fits':>6} {'time':>14} "
+               f"{'cost':>10}  $/device-h")
+    for r in plan.rows:
+        cost = f"${r.cost:,.0f}" if r.cost is not None and r.cost >= 10 else (
+            f"${r.cost:,.2f}" if r.cost is not None else "-")
+        price = f"{r.price:.2f}" if r.price is not None else "-"
+        peak = f"{r.peak / 1e12:,.1f} {r.peak_note}"
+        n = f"{r.devices} x " if r.devices > 1 else ""
+        out.append(f"  {n + r.accelerator.label:<16}{peak:>18} {r.accelerator.memory_gib:>5.0f}GiB {r.fits:>6} "
+                   f"{_duration(r.seconds):>14} {cost:>10}  {price}")
+    out.append("  peaks: dense datasheet figures (A100, H100, H200, L4 datasheets; Ada whitepaper for the 4090);"
+               " prices: defaults, override with --price KEY=USD")
+    if plan.rows[-1].accelerator.key == CPU_KEY:
+        cpu = plan.rows[-1]
+        out.append(f"  this CPU: one process, micro-batch {tc.batch_size // tc.grad_accum or 1}; "
+                   f"needs {_gib(cpu.memory.total)} GiB of {cpu.accelerator.memory_gib:.0f} GiB RAM")
+    for w in plan.warnings:
+        out.append(f"warning: {w}")
+    return "\n".join(out)
