@@ -254,6 +254,13 @@ def make_plan(cfg: Config, *, tokens: float | None = None, compute_optimal: bool
     if activation_checkpointing:
         warnings.append("activation checkpointing is planned here, but scratchlm's trainer does not "
                         "implement it yet: a real run needs the memory without it")
+    if tc.max_minutes:
+        capped = [r for r in rows if r.seconds > tc.max_minutes * 60]
+        if capped:
+            reach = ", ".join(f"{r.accelerator.label} ~{_count(tokens * tc.max_minutes * 60 / r.seconds)}"
+                              for r in capped)
+            warnings.append(f"train.max_minutes={tc.max_minutes:g} stops the run before {_count(tokens)} tokens "
+                            f"on: {reach} tokens at this MFU")
     if devices > 8:
         warnings.append(f"{devices} devices is several nodes: the MFU assumes the interconnect keeps up "
                         f"(across nodes without InfiniBand it usually does not)")

@@ -142,6 +142,10 @@ def test_time_cost_and_targets():
     assert cpu.accelerator.key == "cpu" and cpu.devices == 1 and cpu.seconds == pytest.approx(1e9 * 17328 / (1e11 * 0.5))
     assert make_plan(cfg, compute_optimal=True, cpu_peak=CPU_PEAK).tokens == 20 * 2504
     assert make_plan(cfg, cpu_peak=CPU_PEAK).tokens == 10 * 8 * 16  # the config's own run
+    capped = make_plan(_cfg("train.max_minutes=1"), tokens=1e12, cpu_peak=CPU_PEAK).warnings
+    assert any("max_minutes=1 stops the run" in w and "this CPU" in w and "L4" in w for w in capped)
+    assert not any("max_minutes" in w for w in make_plan(_cfg("train.max_minutes=1"), tokens=1e3,
+                                                          cpu_peak=CPU_PEAK).warnings)
     for bad in (dict(mfu=0), dict(mfu=40), dict(devices=0), dict(prices={"tpu": 1.0}),
                 dict(tokens=1e6, compute_optimal=True), dict(parallel="zero3")):
         with pytest.raises(UserError):
