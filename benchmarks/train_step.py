@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.common import md_table
 from scratchlm.model import GPT, ModelConfig
-from scratchlm.train.precision import measured_peak_flops
+from scratchlm.train.hardware import measure_matmul_flops
 
 SHAPES = {
     "tiny": dict(vocab=10000, layers=4, heads=4, width=256, ff=1024, ctx=256, batch=32),
@@ -57,8 +57,8 @@ def make_step(model, s: dict, bf16: bool, compile_: bool, is_hf: bool):
 
 def run() -> str:
     torch.set_num_threads(torch.get_num_threads())
-    peak = measured_peak_flops(torch.device("cpu"), "bf16")
-    peak32 = measured_peak_flops(torch.device("cpu"), "fp32")
+    peak = measure_matmul_flops(torch.device("cpu"), "bf16")
+    peak32 = measure_matmul_flops(torch.device("cpu"), "fp32")
     rows = []
     for name, s in SHAPES.items():
         flops = ours(s).flops_per_token()

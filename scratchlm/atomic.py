@@ -7,6 +7,7 @@ atomic on POSIX, so readers see either the old complete thing or the new complet
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -67,6 +68,11 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def save_json(path: str | Path, data: dict) -> None:
+    """A JSON file for people to read (indented); values JSON cannot hold are written as strings."""
+    write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def fsync_tree(root: Path) -> None:

@@ -120,7 +120,8 @@ def cmd_pretrain(a) -> None:
 
 def cmd_eval(a) -> None:
     from scratchlm.train.precision import autocast
-    from scratchlm.train.trainer import load_for_inference, save_json
+    from scratchlm.atomic import save_json
+    from scratchlm.train.checkpoint import load_for_inference
     model, tok, meta = load_for_inference(a.ckpt, device=a.device)
     amp = autocast(next(model.parameters()).device, "fp32")
     if a.task == "perplexity":
@@ -154,7 +155,7 @@ def cmd_eval(a) -> None:
 
 def cmd_generate(a) -> None:
     from scratchlm.generate import SamplingConfig, generate
-    from scratchlm.train.trainer import load_for_inference
+    from scratchlm.train.checkpoint import load_for_inference
     model, tok, _ = load_for_inference(a.ckpt, device=a.device)
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=0 if a.greedy else a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlm.atomic import save_json
 from scratchlm.config import load_config, to_toml
 from scratchlm.data.prepare import PrepareOptions, prepare
 from scratchlm.data.shards import INDEX, load_split, read_index
@@ -27,7 +28,7 @@ from scratchlm.report import plot_loss, table, write_report
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.precision import autocast
-from scratchlm.train.trainer import pretrain, save_json
+from scratchlm.train.trainer import pretrain
 
 
 def compression_stats(tok: Tokenizer, passage: str) -> dict:
@@ -99,7 +100,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     # 6: evaluate the final model on the whole validation split, sample, multiple choice
     log("[4/5] evaluating")
     t = time.time()
-    from scratchlm.train.trainer import load_for_inference
+    from scratchlm.train.checkpoint import load_for_inference
     last = ckpt.latest_valid(out / "checkpoints", log=log)
     model, tok, _ = load_for_inference(last)
     device = next(model.parameters()).device

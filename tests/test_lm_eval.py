@@ -7,7 +7,8 @@ import pytest
 from scratchlm.config import load_config
 from scratchlm.eval.multiple_choice import score_items
 from scratchlm.eval.tasks import load_arc, load_hellaswag, load_mmlu
-from scratchlm.train.trainer import load_for_inference, pretrain
+from scratchlm.train.checkpoint import load_for_inference
+from scratchlm.train.trainer import pretrain
 
 N = 40
 

@@ -17,7 +17,7 @@ from lm_eval.api.registry import register_model
 
 from scratchlm.eval.multiple_choice import encode_pair, loglikelihoods
 from scratchlm.generate import SamplingConfig, generate
-from scratchlm.train.trainer import load_for_inference
+from scratchlm.train.checkpoint import load_for_inference
 
 
 @register_model("scratchlm")

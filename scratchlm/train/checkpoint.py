@@ -48,12 +48,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters that are another parameter under a second name (a tied output head):
+    {alias: original}. Saved once, under the original name."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            alias[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return alias
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the tied output matrix (safetensors refuses shared storage)."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
+    """State dict without tied aliases (safetensors refuses shared storage)."""
+    aliases = tied_names(model)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -78,15 +89,18 @@ def set_rng_state(json_state: dict, torch_state: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict, info: DistInfo | None = None, sharded: bool = False) -> Path:
+                    state: dict, info: DistInfo | None = None, sharded: bool = False,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step_{step}`. Plain runs call this on rank 0 only; sharded (FSDP) runs
-    on every rank, since each rank holds a piece of the weights."""
+    on every rank, since each rank holds a piece of the weights. `weights`: save these tensors
+    instead of the whole model (a LoRA run's adapters)."""
     final = Path(ckpt_root) / f"step_{step:06d}"
     if not sharded:
         with staged_dir(final, replace=True) as tmp:
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            _finish(tmp, model_state(model), state, step)
+            own = weights if weights is not None else model_state(model)
+            _finish(tmp, {k: v.detach().contiguous() for k, v in own.items()}, state, step)
         return final
 
     from torch.distributed.checkpoint import save as dcp_save
@@ -108,8 +122,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
         # Gather the full weights onto rank 0 (CPU), one tensor at a time, for inference.
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
-            if model.cfg.tie_embeddings:
-                full.pop("lm_head.weight", None)
+            for alias in tied_names(model):
+                full.pop(alias, None)
             _finish(tmp, {k: v.contiguous() for k, v in full.items()}, state, step)
             publish_dir(tmp, final, replace=True)
     except BaseException:
@@ -165,6 +179,17 @@ def latest_valid(ckpt_root: Path, log=print) -> Path | None:
     return None
 
 
+def remove_staging(ckpt_root: Path) -> list[str]:
+    """Remove what a killed save leaves behind: staged `.step_N.*.tmp` directories (never
+    published, so never a checkpoint) and `.step_N.old` ones (replaced). They can be GBs."""
+    root = Path(ckpt_root)
+    stale = [p for p in root.glob(".step_*") if p.is_dir() and p.name.endswith((".tmp", ".old"))] \
+        if root.exists() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in stale)
+
+
 def prune(ckpt_root: Path, keep_last: int, protect: Path | None = None) -> None:
     ckpts = list_checkpoints(ckpt_root)
     for old in ckpts[:-keep_last] if keep_last > 0 else []:
@@ -179,8 +204,9 @@ def read_state(ckpt: Path) -> dict:
         raise UserError(f"checkpoint {ckpt} has no readable state.json ({e})") from None
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load weights, refusing (in one line) a checkpoint of another shape."""
+def load_model_weights(model: torch.nn.Module, ckpt: Path, strict: bool = True) -> None:
+    """Load weights, refusing (in one line) a checkpoint of another shape. strict=False: the
+    checkpoint may hold only some of the model's tensors (a LoRA run's adapters)."""
     path = Path(ckpt) / "model.safetensors"
     if not path.exists():
         raise UserError(f"no model.safetensors in {ckpt}; is this a scratchlm checkpoint?")
@@ -189,9 +215,9 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path} is corrupt ({e}); use an earlier checkpoint") from None
     own = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        own.pop("lm_head.weight", None)
-    missing = sorted(set(own) - set(sd))
+    for alias in tied_names(model):
+        own.pop(alias, None)
+    missing = sorted(set(own) - set(sd)) if strict else []
     extra = sorted(set(sd) - set(own))
     if missing or extra:
         raise UserError(f"checkpoint {ckpt} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -207,7 +233,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
 
 
 def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path,
-                        sharded_model: bool = False) -> None:
+                        sharded_model: bool = False, strict: bool = True) -> None:
     """Weights and AdamW state from any checkpoint into any layout: a sharded checkpoint goes
     through DCP, which reshards it to this run's world size (1 process included); a plain one
     loads directly, or, into an FSDP model, as full tensors that each rank slices its shard from."""
@@ -230,7 +256,7 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
                                 f"use an earlier checkpoint") from None
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     elif not sharded_model:
-        load_model_weights(model, ckpt)
+        load_model_weights(model, ckpt, strict=strict)
         load_optimizer(optimizer, ckpt)
     else:
         # A plain optimizer state names parameters by position in its param groups; DCP's
@@ -241,8 +267,8 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         optim_sd = {"state": {order[i]: v for i, v in plain["state"].items()},
                     "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in plain["param_groups"]]}
         weights = load_file(str(ckpt / "model.safetensors"))
-        if model.cfg.tie_embeddings:
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        for alias, original in tied_names(model).items():
+            weights[alias] = weights[original]
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
 
@@ -288,3 +314,42 @@ def _safe_reader(path: Path):
             return metadata
 
     return SafeReader(str(path))
+
+
+def load_for_inference(ckpt_dir: str | Path, device: str = "auto"):
+    """(model, tokenizer, meta) from a checkpoint or run directory, ready to generate or evaluate.
+    A run directory means its best checkpoint if it kept one, else its latest. meta holds the run's
+    "config", the checkpoint's "state" (state["task"]: what trained it, e.g. {"kind": "pretrain"})
+    and its "path"."""
+    from scratchlm.config import from_dict
+    from scratchlm.model import GPT
+    from scratchlm.tokenizer import Tokenizer
+    from scratchlm.train.precision import pick_device
+    path = Path(ckpt_dir)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found")
+    if (path / "checkpoints").exists() or (path / "best").exists():  # a run directory
+        best = [c for c in list_checkpoints(path / "best") if validate(c) is None]
+        path = best[-1] if best else latest_valid(path / "checkpoints", log=lambda *_: None)
+        if path is None:
+            raise UserError(f"no valid checkpoint in run directory {ckpt_dir}")
+    problem = validate(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is not usable: {problem}")
+    state = read_state(path)
+    state.setdefault("task", {"kind": "pretrain"})  # checkpoints from before tasks were recorded
+    cfg = from_dict(state["config"])
+    dataset_tok = Path(cfg.data.dataset_dir or cfg.run_dir / "data") / "tokenizer"
+    tok_dir = path.parent.parent / "tokenizer"
+    for candidate in (path / "tokenizer", tok_dir, dataset_tok):
+        if (candidate / "tokenizer.scratchlm.json").exists():
+            tok = Tokenizer.load(candidate)
+            break
+    else:
+        raise UserError(f"no tokenizer found for checkpoint {path} (looked in {tok_dir} and {dataset_tok})")
+    if tok.fingerprint != state.get("tokenizer_fingerprint"):
+        raise UserError(f"the tokenizer at {tok_dir} is not the one checkpoint {path} was trained with")
+    model = GPT(cfg.model)
+    load_model_weights(model, path)
+    model.to(pick_device(device)).eval()
+    return model, tok, {"config": cfg, "state": state, "path": str(path)}

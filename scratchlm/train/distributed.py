@@ -4,7 +4,8 @@
     torchrun --nnodes=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
              --nproc_per_node=8 -m scratchlm pretrain --config ...
 
-Two ways to spread one model over the processes (`train.parallel`):
+The model knows nothing of this: `parallelize(model, ...)` wraps it once, and the trainer talks
+to the result (`Parallel`). Two ways to spread one model over the processes (`train.parallel`):
     ddp    every rank holds the whole model and optimizer; gradients are all-reduced.
     fsdp   FSDP2 (`fully_shard`): each rank holds 1/world of every block's parameters, gradients
            and AdamW moments; a block's weights are all-gathered just before it runs and freed
@@ -20,6 +21,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 @dataclass
@@ -70,14 +72,66 @@ def all_reduce_mean(value: float, info: DistInfo, device) -> float:
     return t.item() / info.world_size
 
 
-def shard_model(model: torch.nn.Module) -> None:
+def all_reduce_sum(values: list[float], info: DistInfo, device) -> list[float]:
+    """Sum a few numbers over the ranks (in float64: token counts stay exact)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass
+class Parallel:
+    """A model made ready for training on this rank, and how the ranks cooperate."""
+    model: nn.Module        # what training calls: the model, wrapped by DDP and/or torch.compile
+    eager: nn.Module        # the same without torch.compile (the fallback if compiling fails)
+    info: DistInfo
+    kind: str               # "single" | "ddp" | "fsdp"
+    device: torch.device
+    compiled_ok: bool = False  # a step has run through `model` (so torch.compile worked, if asked)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each rank holds a piece of the weights, so every rank takes part in saving and in
+        every forward pass (evaluation and sampling included)."""
+        return self.kind == "fsdp"
+
+    def grad_sync(self, last_micro_step: bool):
+        """Gradient accumulation: keep gradients local until the last micro-step of the step."""
+        return skip_grad_sync(self.eager, self.kind, skip=self.info.enabled and not last_micro_step)
+
+    def sum(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values, self.info, self.device)
+
+
+def parallelize(model: nn.Module, info: DistInfo, kind: str, device: torch.device,
+                compile: bool = False) -> Parallel:
+    """Wrap a model (already on `device`) for this process: DDP or FSDP when there are several
+    ranks, then torch.compile if asked. Call before building the optimizer: FSDP replaces the
+    parameters with sharded ones."""
+    if not info.enabled:
+        kind, wrapped = "single", model
+    elif kind == "fsdp":
+        shard_model(model)
+        wrapped = model  # fully_shard changes the module in place
+    else:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Parallel(model=torch.compile(wrapped) if compile else wrapped, eager=wrapped, info=info, kind=kind,
+                    device=device)
+
+
+def shard_model(model: nn.Module) -> None:
     """FSDP2: shard each transformer block on its own (so only one block is ever gathered in
-    full), then the root, which takes the embeddings, final norm and (tied) output head."""
+    full), then the root, which takes the embeddings, final norm, output head (and any head a
+    fine-tuning stage added)."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6 kept it under _composable
         from torch.distributed._composable.fsdp import fully_shard
-    for block in model.layers:
+    from scratchlm.model.gpt import Block
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block)
     fully_shard(model)
 

@@ -1,20 +1,30 @@
-"""Learning-rate schedules, as a pure function of the *optimizer* step (never the micro-step).
+"""Learning-rate schedules, and how a time budget turns into a number of steps.
 
+The schedules are a pure function of the *optimizer* step (never the micro-step):
 warmup: linear from lr/warmup to lr over `warmup_steps`, then
   cosine:   half a cosine down to lr * min_lr_ratio at `total_steps`
   wsd:      warmup-stable-decay: flat, then linear decay over the last `decay_fraction`
   constant: flat
 Past `total_steps` the rate stays at its final value: it never turns around or goes negative.
+
+A schedule needs to know where the run ends. With a time budget nobody knows that at the start,
+so `TimeBudget` estimates it from the measured speed and re-estimates as the run goes. Its one
+promise: a new plan is never *longer* than the current one. A shorter plan only moves the end of
+the decay closer, so after warm-up the learning rate never rises, whatever the estimates do.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
+
+SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0, schedule: str = "cosine",
           min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
-    if schedule not in ("cosine", "wsd", "constant"):
+    if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}")
     min_lr = lr * min_lr_ratio
     if warmup_steps > 0 and step < warmup_steps:
@@ -30,3 +40,69 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0, schedul
         return lr
     progress = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
     return lr - (lr - min_lr) * progress
+
+
+def lr_continued(step: int, total_steps: int, tc, anchor: tuple[int, float] | None = None) -> float:
+    """The training config's schedule (`tc`: a TrainConfig). A resumed run given a new length
+    (`anchor` = (step it resumed at, the rate it had there)) continues from that rate, with the same
+    shape, to the new end: no jump up when a finished run is extended, no cliff when it is cut."""
+    if anchor is None or step < anchor[0]:
+        return lr_at(step, total_steps, tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_fraction)
+    start, lr0 = anchor
+    floor = tc.lr * tc.min_lr_ratio
+    ratio = min(floor / lr0, 1.0) if lr0 > 0 else 1.0
+    return lr_at(step - start, total_steps - start, lr0, 0, tc.schedule, ratio, tc.decay_fraction)
+
+
+class TimeBudget:
+    """A wall-clock budget -> the number of steps the LR schedule plans for.
+
+    The first plan comes from the speed over steps 10-20 of this session (the first ten include
+    torch.compile and allocator warm-up, which would skew it), with a 10% margin. After each
+    evaluation the plan is re-made from the speed since the last plan plus the measured cost of
+    evaluating and checkpointing, spread over the steps between evaluations, with a 3% margin.
+    Under several processes one rank's budget decides (the trainer broadcasts its plan), so every
+    rank computes the same learning rate and stops after the same step.
+    """
+
+    def __init__(self, minutes: float, elapsed: float = 0.0, clock: Callable[[], float] = time.time):
+        self.limit = minutes * 60
+        self.clock = clock
+        self.t0 = clock() - elapsed       # elapsed: time already spent by earlier sessions (resume)
+        self.steps_here = 0               # steps trained in this session
+        self.mark: tuple[float, int] | None = None  # (time, step) the current speed sample began
+        self.busy = 0.0                   # seconds spent evaluating/checkpointing since the mark
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def expired(self) -> bool:
+        return self.elapsed() >= self.limit
+
+    def add_busy(self, seconds: float) -> None:
+        """Time spent outside training steps (evaluation, samples, checkpoints)."""
+        self.busy += seconds
+
+    def after_step(self, step: int, plan: int, evaluated: bool = False, eval_every: int = 0) -> int:
+        """Call after every training step (`step` = optimizer steps done); returns the plan."""
+        self.steps_here += 1
+        now = self.clock()
+        if self.steps_here == 10:
+            self.mark, self.busy = (now, step), 0.0
+        elif self.steps_here == 20 and self.mark is not None:
+            per_step = (now - self.mark[0] - self.busy) / (step - self.mark[1])
+            plan = self.replan(plan, step, per_step + self.busy / (step - self.mark[1]), safety=0.9)
+            self.mark, self.busy = (now, step), 0.0
+        elif evaluated and self.mark is not None and step > self.mark[1]:
+            per_step = (now - self.mark[0] - self.busy) / (step - self.mark[1])
+            overhead = self.busy / max(eval_every, step - self.mark[1], 1)
+            plan = self.replan(plan, step, per_step + overhead, safety=0.97)
+            self.mark, self.busy = (now, step), 0.0
+        return plan
+
+    def replan(self, plan: int, step: int, seconds_per_step: float, safety: float) -> int:
+        """The steps that fit in the time left, capped at the current plan (so the LR never rises)
+        and at least one more step."""
+        remaining = self.limit - self.elapsed()
+        fit = step + int(remaining / max(seconds_per_step, 1e-9) * safety)
+        return max(min(plan, fit), step + 1)

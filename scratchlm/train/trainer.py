@@ -1,20 +1,26 @@
-"""Pretraining: the loop, and everything it calls.
+"""The one training loop, and the step it repeats.
 
-The story of one optimizer step:
-    set the learning rate for this step
-    for each micro-batch: forward, loss / grad_accum, backward (DDP/FSDP sync only on the last one)
-    clip the (already averaged) gradients, AdamW step, zero the gradients
-    log; maybe checkpoint; then maybe evaluate and sample (after the checkpoint, so a crash in
-    evaluation never loses training)
+    train(cfg, model, objective)   any stage: pretraining, fine-tuning, DPO (each an Objective)
+    pretrain(cfg, dataset_dir)     a GPT learning next-token prediction on prepared shards
 
-Everything that decides the numbers — weights, AdamW moments, data position, every RNG — is in
-the checkpoint, so a resumed run continues bit for bit (on CPU) where the killed one stopped.
+The loop, once per optimizer step (read `train` below, paragraph by paragraph):
+    save a checkpoint, evaluate, sample: once in a while and at the end (the save first, so a
+        crash in evaluation never loses training)
+    stop, if that was the last step
+    one training step (`train_step`): set the LR, accumulate the gradients of the micro-batches,
+        clip, AdamW
+    the budget: steps, tokens, a time budget re-planned from the measured speed; rank 0 decides
+        and every rank follows, so all compute the same learning rate and stop together
+    log
+
+Everything that decides the numbers (weights, AdamW moments, data position, RNG) is in the
+checkpoint, and dropout masks depend only on (seed, rank, step), so a resumed run continues bit
+for bit (on CPU) where the killed one stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
@@ -22,22 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+import torch.nn as nn
 
 from scratchlm.config import Config, to_toml
-from scratchlm.data.dataset import RandomWindowLoader
-from scratchlm.data.shards import load_split, read_index
 from scratchlm.errors import UserError
-from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
-from scratchlm.generate import SamplingConfig, generate
 from scratchlm.model import GPT
-from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.distributed import (agree_on_stop, all_ranks_agree, all_reduce_mean, barrier, setup,
-                                         shard_model, skip_grad_sync, teardown)
+from scratchlm.train.distributed import Parallel, agree_on_stop, all_ranks_agree, barrier, parallelize, setup, teardown
+from scratchlm.train.hardware import peak_flops
 from scratchlm.train.logger import MetricsLog, Progress
-from scratchlm.train.precision import autocast, measured_peak_flops, pick_device, pick_precision
-from scratchlm.train.schedule import lr_at
+from scratchlm.train.objective import Objective, PretrainObjective
+from scratchlm.train.precision import autocast, pick_device, pick_precision
+from scratchlm.train.schedule import TimeBudget, lr_continued
 
 
 @dataclass
@@ -46,7 +50,7 @@ class TrainResult:
     step: int
     tokens: int
     seconds: float
-    tokens_per_s: float
+    tokens_per_s: float      # over training steps only (not evaluation, not the first, compiling step)
     final_eval: dict
     stopped_by: str          # "steps" | "tokens" | "minutes" | "signal"
     precision: str
@@ -54,23 +58,329 @@ class TrainResult:
     is_main: bool = True     # rank 0 (or the only process): the one that reports
 
 
-def make_optimizer(model: GPT, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices of Linear layers — not norms, biases or embeddings."""
+def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+             quiet: bool = False) -> TrainResult:
+    """A GPT (cfg.model) learning next-token prediction on the shards `scratchlm prepare` wrote."""
+    objective = PretrainObjective(dataset_dir, cfg.model.context_length, cfg.eval.prompts,
+                                  eval_windows=cfg.train.eval_batches * 8, sample_tokens=cfg.train.sample_tokens)
+    vocab = objective.tokenizer.vocab_size
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab
+    if cfg.model.vocab_size < vocab:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                        f"({vocab}); set model.vocab_size >= {vocab} (or 0 to match)")
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    return train(cfg, GPT(cfg.model), objective, resume=resume, log=log, quiet=quiet)
+
+
+def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool = False,
+          log: Callable[[str], None] = print, quiet: bool = False) -> TrainResult:
+    """Train `model` (built by the caller, on CPU; only parameters with requires_grad train) on
+    `objective` under cfg.train, in the run directory cfg.run_dir."""
+    tc = cfg.train
+    device = pick_device(cfg.run.device)
+    info = setup(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    precision = pick_precision(tc.precision, device)
+    micro_batch = micro_batch_size(tc, info.world_size)
+    say = log if info.is_main else (lambda *_: None)
+    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    if info.is_main:
+        _check_run_dir(run_dir)
+
+    par = parallelize(model.to(device), info, tc.parallel, device, compile=tc.compile)
+    optimizer = make_optimizer(model, tc, device)  # after parallelize: FSDP swaps in sharded parameters
+    objective.setup(info.rank, info.world_size, micro_batch, cfg.run.seed)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    state = {"step": 0, "tokens": 0, "planned_steps": tc.max_steps, "best_val_loss": math.inf, "elapsed": 0.0,
+             "lr_anchor": None}
+    resumed = _resume(cfg, model, optimizer, objective, par, state, metrics, say) if resume else False
+    if not resume and ckpt.list_checkpoints(ckpt_root):
+        raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose "
+                        f"another run name (--set run.name=...)")
+    if not all_ranks_agree(state["step"] if resumed else -1, info):
+        raise UserError(f"the ranks found different checkpoints in {ckpt_root}; run.out_dir must be on a "
+                        f"filesystem that every node sees")
+    if tc.tensorboard:
+        metrics.add_tensorboard(run_dir / "tensorboard", purge_step=state["step"] + 1)
+    if info.is_main:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        objective.tokenizer.save(run_dir / "tokenizer")  # the run is self-contained: generate/eval need only it
+
+    amp = autocast(device, precision)
+    peak, peak_source = peak_flops(device, precision)
+    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0.0
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained); device {device}, precision "
+        f"{precision}, {info.world_size} process(es) x {micro_batch} per micro-step x {tc.grad_accum} micro-steps; "
+        f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_source})")
+
+    def save(step: int, root: Path, optimizer) -> None:
+        """A checkpoint (every rank under FSDP: each holds a piece), or one clear line if the disk is full."""
+        extra = {"data": objective.state_dict(), "model": model_fingerprint(cfg), "task": objective.checkpoint_meta(),
+                 "tokenizer_fingerprint": objective.tokenizer.fingerprint, "config": dataclasses.asdict(cfg)}
+        try:
+            saved = ckpt.save_checkpoint(root, step, model, optimizer, {**state, **extra}, info=info,
+                                         sharded=par.sharded, weights=objective.checkpoint_weights(model))
+        except OSError as e:
+            raise UserError(f"could not save the step-{step} checkpoint in {root} ({e.strerror or e}); earlier "
+                            f"checkpoints are intact: free some space, then continue with --resume") from None
+        if info.is_main:
+            ckpt.prune(root, tc.keep_last if optimizer is not None else 1, protect=saved)
+
+    def evaluate(step: int) -> dict:
+        """Held-out metrics and samples (rank 0; every rank under FSDP), logged; the best model kept."""
+        model.eval()
+        with amp:
+            scores = objective.evaluate(model)
+        samples = objective.samples(model)
+        model.train()
+        metrics.write({"type": "eval", "step": step, **scores, "samples": samples})
+        progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        show(samples)
+        if tc.keep_best and scores["val_loss"] < state["best_val_loss"]:
+            state["best_val_loss"] = scores["val_loss"]
+            save(step, run_dir / "best", None)  # named by the step it comes from
+        return {"step": step, **scores, "samples": samples}
+
+    def sample(step: int) -> None:
+        model.eval()
+        texts = objective.samples(model)
+        model.train()
+        metrics.write({"type": "samples", "step": step, "samples": texts})
+        progress.message(f"step {step} samples:")
+        show(texts)
+
+    def show(samples: dict) -> None:
+        for prompt, text in samples.items():
+            progress.message(f"  {prompt!r} -> {(prompt + text)[:160]!r}")
+
+    # --- the loop ----------------------------------------------------------------------------
+    step = first_step = state["step"]
+    budget = TimeBudget(tc.max_minutes, elapsed=state["elapsed"])
+    progress = Progress(state["planned_steps"], enabled=info.is_main and not quiet)
+    talks = info.is_main or par.sharded  # who evaluates and samples
+    stopped_by, final_eval, evaluated = "steps", {}, False
+    speed, started = Speed(), time.time()
+    model.train()
+    with _StopFlag() as stop:
+        while True:
+            last_step = step >= state["planned_steps"] or stopped_by == "signal"
+            busy_since = time.time()
+
+            # save, evaluate, sample: once in a while, and after the last step
+            trained_here = step > first_step
+            if trained_here and (last_step or every(step, tc.checkpoint_every)) and (info.is_main or par.sharded):
+                save(step, ckpt_root, optimizer)
+            if stopped_by == "signal":
+                progress.message(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
+                break
+            evaluated = trained_here and (last_step or every(step, tc.eval_every))
+            if evaluated and talks:
+                final_eval = evaluate(step)
+            elif trained_here and every(step, tc.sample_every) and talks:
+                sample(step)
+            if trained_here and (last_step or every(step, tc.checkpoint_every) or every(step, tc.eval_every)
+                                 or every(step, tc.sample_every)):
+                barrier(info)
+            budget.add_busy(time.time() - busy_since)
+            if last_step:
+                break
+
+            # one training step
+            lr = lr_continued(step, state["planned_steps"], tc, state["lr_anchor"])
+            t = time.time()
+            out = train_step(par, objective, optimizer, lr, tc.grad_accum, tc.grad_clip, amp,
+                             seed=step_seed(cfg.run.seed, info.rank, step), log=say)
+            if not math.isfinite(out["loss"]):
+                raise UserError(f"loss became {out['loss']} at step {step}; lower train.lr or check the data")
+            step = state["step"] = step + 1
+            state["tokens"] += out["tokens"]
+            speed.add(out["tokens"], time.time() - t)
+
+            # the budget: rank 0's plan and clock decide for every rank
+            plan, reason = state["planned_steps"], "steps"
+            if tc.max_minutes:
+                plan = budget.after_step(step, plan, evaluated=evaluated, eval_every=tc.eval_every)
+            if tc.max_tokens and state["tokens"] >= tc.max_tokens:
+                plan, reason = step, "tokens"
+            if tc.max_minutes and budget.expired():
+                plan, reason = step, "minutes"
+            state["planned_steps"], stopped_by = agree_on_stop(plan, "signal" if stop.stop else reason, info)
+            state["elapsed"] = budget.elapsed()
+
+            # logging
+            tok_s = speed.tokens_per_s()
+            mfu = tok_s * flops_per_token / (peak * info.world_size)
+            record = {k: v for k, v in out.items() if k != "tokens"}
+            metrics.write({"step": step, **record, "lr": lr, "tokens": state["tokens"], "tok_per_s": round(tok_s, 1),
+                           "mfu": round(mfu, 4), "elapsed": round(state["elapsed"], 2)})
+            progress.total = state["planned_steps"]
+            if every(step, tc.log_every) or step == state["planned_steps"]:
+                progress.update(step, out["loss"], tok_s, mfu, lr, speed.eta(state["planned_steps"] - step))
+
+    metrics.close()
+    teardown(info)
+    return TrainResult(run_dir=run_dir, step=state["step"], tokens=state["tokens"], seconds=time.time() - started,
+                       tokens_per_s=speed.tokens_per_s(), final_eval=final_eval, stopped_by=stopped_by,
+                       precision=precision, device=str(device), is_main=info.is_main)
+
+
+def train_step(par: Parallel, objective: Objective, optimizer: torch.optim.Optimizer, lr: float, grad_accum: int,
+               grad_clip: float, amp, seed: int, log: Callable[[str], None] = print) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches on every rank. Returns the step's loss
+    (the mean over every loss term of the step, all ranks), its metrics and the tokens it saw."""
+    torch.manual_seed(seed)  # dropout: different on every rank and step, the same again on resume
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batches = [objective.next_batch() for _ in range(grad_accum)]
+    (total,) = par.sum([float(sum(objective.count(b) for b in batches))])
+    # Each term weighs 1/total. DDP and FSDP *average* gradients over ranks, so each rank scales its
+    # sum by world_size / total: after the average, the gradient is that of (all sums) / total.
+    scale = par.info.world_size / max(total, 1.0)
+    loss_sum, sums, tokens = 0.0, {}, 0
+    for i, batch in enumerate(batches):
+        tokens += objective.tokens(batch)
+        batch = {k: v.to(par.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with par.grad_sync(last_micro_step=i == grad_accum - 1):  # communicate on the last micro-step only
+            loss, terms = _objective_loss(par, objective, batch, amp, log)
+            (loss * scale).backward()
+        loss_sum += loss.item()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    if grad_clip > 0:  # after backward, so on the gradients already averaged over the ranks
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    par.compiled_ok = True
+    names = sorted(sums)
+    reduced = par.sum([loss_sum, float(tokens)] + [sums[k] for k in names])
+    return {"loss": reduced[0] / max(total, 1.0), "tokens": int(reduced[1]),
+            **{k: v / max(total, 1.0) for k, v in zip(names, reduced[2:])}}
+
+
+def _objective_loss(par: Parallel, objective: Objective, batch: dict, amp, log) -> tuple[torch.Tensor, dict]:
+    """objective.loss through the training model. torch.compile needs a C++ toolchain and fails on
+    the first call without one: never let that kill a run, continue without it."""
+    try:
+        with amp:
+            return objective.loss(par.model, batch)
+    except Exception as e:
+        if par.model is par.eager or par.compiled_ok:
+            raise
+        log(f"torch.compile failed ({type(e).__name__}); continuing without it")
+        par.model = par.eager
+        with amp:
+            return objective.loss(par.model, batch)
+
+
+# --- the pieces the loop calls ----------------------------------------------------------------
+
+def every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A seed per (run seed, rank, step): ranks drop different units, a resumed run the same ones."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def micro_batch_size(tc, world_size: int) -> int:
+    """Sequences per rank per micro-step: batch_size is global, split over grad_accum and ranks."""
+    if tc.batch_size % (tc.grad_accum * world_size):
+        raise UserError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum "
+                        f"({tc.grad_accum}) x processes ({world_size}); e.g. batch_size="
+                        f"{max(tc.batch_size // (tc.grad_accum * world_size), 1) * tc.grad_accum * world_size}")
+    return tc.batch_size // (tc.grad_accum * world_size)
+
+
+class Speed:
+    """Tokens per second over training steps only: not evaluation or checkpoint time, and not the
+    first step of a session (torch.compile and allocator warm-up) once there are others."""
+
+    def __init__(self):
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.first: tuple[int, float] | None = None
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        if self.first is None:
+            self.first = (tokens, seconds)
+        else:
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    def tokens_per_s(self) -> float:
+        tokens, seconds = (self.tokens, self.seconds) if self.steps > 1 else (self.first or (0, 0.0))
+        return tokens / max(seconds, 1e-9)
+
+    def eta(self, steps_left: int) -> float:
+        per_step = self.seconds / (self.steps - 1) if self.steps > 1 else (self.first or (0, 0.0))[1]
+        return steps_left * per_step
+
+
+def make_optimizer(model: nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the parameters that train; weight decay only on matrices (>= 2-D) that are not
+    embeddings: not norms, biases, embeddings or the output matrix tied to them."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
-    embeddings = {id(model.embed_tokens.weight)}
-    if hasattr(model, "pos_embed"):
-        embeddings.add(id(model.pos_embed.weight))
     for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
 
 
 def model_fingerprint(cfg: Config) -> dict:
     return dataclasses.asdict(cfg.model)
+
+
+def _resume(cfg: Config, model: nn.Module, optimizer, objective: Objective, par: Parallel, state: dict,
+            metrics: MetricsLog, say) -> bool:
+    """Load the latest valid checkpoint into everything (False if there is none). A changed budget
+    (max_steps, max_tokens, max_minutes) is taken from the config given now, and the learning rate
+    continues from where it was to the new end."""
+    tc, root = cfg.train, cfg.run_dir / "checkpoints"
+    if par.info.is_main:
+        for d in (root, cfg.run_dir / "best"):
+            for name in ckpt.remove_staging(d):
+                say(f"removed {d / name}, left by an interrupted save")
+    barrier(par.info)
+    start = ckpt.latest_valid(root, log=say)
+    if start is None:
+        say(f"no valid checkpoint in {root}; starting from scratch")
+        return False
+    saved = ckpt.read_state(start)
+    if saved.get("model") != model_fingerprint(cfg):
+        diff = [k for k, v in model_fingerprint(cfg).items() if saved.get("model", {}).get(k) != v]
+        raise UserError(f"cannot resume {cfg.run_dir}: the model config changed ({', '.join(diff)}); "
+                        f"resume with the original config or start a new run")
+    if saved.get("tokenizer_fingerprint") != objective.tokenizer.fingerprint:
+        raise UserError(f"cannot resume {cfg.run_dir}: the dataset's tokenizer differs from the checkpoint's")
+    partial = objective.checkpoint_weights(model) is not None
+    ckpt.load_training_state(model, optimizer, start, sharded_model=par.sharded, strict=not partial)
+    objective.load_state_dict(saved.get("data", saved.get("loader", {})))
+    ckpt.load_rng(start, saved)
+    for k in state:
+        state[k] = saved.get(k, state[k])
+    step = state["step"]
+    old = saved.get("config", {}).get("train", {})
+    changed = [f"train.{k} {old.get(k)} -> {getattr(tc, k)}" for k in ("max_steps", "max_tokens", "max_minutes")
+               if k in old and old[k] != getattr(tc, k)]
+    if changed:
+        lr_next = lr_continued(step, state["planned_steps"], tc, state["lr_anchor"])
+        state["planned_steps"] = tc.max_steps
+        if step >= tc.warmup_steps:
+            state["lr_anchor"] = [step, lr_next]
+        say(f"resuming with the budget of the config given now ({', '.join(changed)}); the learning rate "
+            f"goes on from {lr_next:.3g}" + (" (the time budget counts the minutes already spent)"
+                                            if tc.max_minutes else ""))
+    metrics.truncate_after(step)
+    say(f"resumed from {start} at step {step}")
+    if step >= state["planned_steps"]:
+        say(f"the run already trained {step} steps, its whole budget; raise train.max_steps to train further")
+    return True
 
 
 class _StopFlag:
@@ -104,297 +414,3 @@ def _check_run_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror}); choose another run.out_dir") from None
-
-
-def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
-             quiet: bool = False) -> TrainResult:
-    tc = cfg.train
-    device = pick_device(cfg.run.device)
-    info = setup(device.type)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    precision = pick_precision(tc.precision, device)
-    say = log if info.is_main else (lambda *_: None)
-    run_dir = cfg.run_dir
-    if info.is_main:
-        _check_run_dir(run_dir)
-
-    # --- data and tokenizer -------------------------------------------------------------------
-    dataset_dir = Path(dataset_dir)
-    index = read_index(dataset_dir)
-    tok = Tokenizer.load(dataset_dir / "tokenizer")
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tok.vocab_size
-    if cfg.model.vocab_size < tok.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                        f"({tok.vocab_size}); set model.vocab_size >= {tok.vocab_size} (or 0 to match)")
-    train_tokens = load_split(dataset_dir, "train")
-    val_tokens = load_split(dataset_dir, "val")
-    T = cfg.model.context_length
-    if len(train_tokens) < T + 1:
-        raise UserError(f"the training split has {len(train_tokens)} tokens, less than one context window "
-                        f"({T + 1}); use more data or a smaller model.context_length")
-    if tc.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"train.parallel={tc.parallel!r} is not one of ddp, fsdp")
-    sharded = info.enabled and tc.parallel == "fsdp"  # FSDP only means something with several ranks
-    if tc.batch_size % (tc.grad_accum * info.world_size):
-        raise UserError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum "
-                        f"({tc.grad_accum}) x processes ({info.world_size})")
-
-    # --- model, optimizer, loader -------------------------------------------------------------
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = GPT(cfg.model).to(device)
-    if sharded:
-        shard_model(model)  # before the optimizer, which must see the sharded parameters
-    optimizer = make_optimizer(model, tc, device)
-    loader = RandomWindowLoader(train_tokens, tc.batch_size // tc.grad_accum, T, seed=cfg.run.seed,
-                                rank=info.rank, world_size=info.world_size)
-    state = {"step": 0, "tokens": 0, "planned_steps": tc.max_steps, "best_val_loss": math.inf,
-             "elapsed": 0.0}
-    ckpt_root = run_dir / "checkpoints"
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
-
-    start_ckpt = ckpt.latest_valid(ckpt_root, log=say) if resume else None
-    if resume and start_ckpt is None:
-        say(f"no valid checkpoint in {ckpt_root}; starting from scratch")
-    if not resume and ckpt.list_checkpoints(ckpt_root):
-        raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose "
-                        f"another run name (--set run.name=...)")
-    if start_ckpt is not None:
-        saved = ckpt.read_state(start_ckpt)
-        if saved.get("model") != model_fingerprint(cfg):
-            diff = [k for k, v in model_fingerprint(cfg).items() if saved.get("model", {}).get(k) != v]
-            raise UserError(f"cannot resume {run_dir}: the model config changed ({', '.join(diff)}); "
-                            f"resume with the original config or start a new run")
-        if saved.get("tokenizer_fingerprint") != tok.fingerprint:
-            raise UserError(f"cannot resume {run_dir}: the dataset's tokenizer differs from the checkpoint's")
-        ckpt.load_training_state(model, optimizer, start_ckpt, sharded_model=sharded)
-        loader.load_state_dict(saved["loader"])
-        ckpt.load_rng(start_ckpt, saved)
-        for k in ("step", "tokens", "planned_steps", "best_val_loss", "elapsed"):
-            state[k] = saved[k]
-        metrics.truncate_after(state["step"])
-        say(f"resumed from {start_ckpt} at step {state['step']}")
-    if not all_ranks_agree(state["step"] if start_ckpt else -1, info):
-        raise UserError(f"the ranks found different checkpoints in {ckpt_root}; run.out_dir must be on a "
-                        f"filesystem that every node sees")
-    if tc.tensorboard:
-        metrics.add_tensorboard(run_dir / "tensorboard", purge_step=state["step"] + 1)
-    if info.is_main:
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        tok.save(run_dir / "tokenizer")  # the run is self-contained: generate/eval need only it
-
-    train_model = model
-    if info.enabled and not sharded:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    dist_model = train_model  # what `skip_grad_sync` talks to (compile wraps it below)
-    done_compiling = False
-    if tc.compile:
-        train_model = torch.compile(train_model)
-
-    peak = measured_peak_flops(device, precision)
-    flops_per_token = model.flops_per_token()
-    token_bytes = token_byte_lengths(tok)
-    amp = autocast(device, precision)
-    tokens_per_step = tc.batch_size * T
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, width "
-        f"{cfg.model.d_model}, context {T}; device {device}, precision {precision}, "
-        f"{info.world_size} process(es); {len(train_tokens):,} train tokens")
-
-    # Under FSDP every rank must take part in each forward pass (the weights are gathered from
-    # all of them), so evaluation and sampling run on every rank; only rank 0 reports.
-    evaluates = info.is_main or sharded
-
-    def samples() -> dict:
-        texts = generate(model, tok, cfg.eval.prompts, SamplingConfig(
-            max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=cfg.run.seed))
-        model.train()
-        return dict(zip(cfg.eval.prompts, texts))
-
-    def run_eval(step: int) -> dict:
-        res = evaluate_tokens(model, val_tokens if len(val_tokens) > T else train_tokens[-(T * 4 + 1):],
-                              token_bytes, max_windows=tc.eval_batches * 8, autocast=autocast(device, precision))
-        record = {"step": step, "val_loss": res.loss, "val_ppl": res.perplexity, "val_bpb": res.bits_per_byte}
-        record["samples"] = samples()
-        return record
-
-    def show_samples(texts: dict) -> None:
-        for prompt, text in texts.items():
-            progress.message(f"  {prompt!r} -> {(prompt + text)[:160]!r}")
-
-    progress = Progress(state["planned_steps"], enabled=info.is_main and not quiet)
-    stopped_by = "steps"
-    last_eval: dict = {}
-    t0 = time.time() - state["elapsed"]
-    run_start_step = state["step"]
-    t_run = t_step10 = time.time()
-    interval = None  # (time, step) since the last evaluation: to re-plan a time budget
-    model.train()
-    with _StopFlag() as stop:
-        while state["step"] < state["planned_steps"]:
-            step = state["step"]
-            lr = lr_at(step, state["planned_steps"], tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio,
-                       tc.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(tc.grad_accum):
-                x, y = loader.next_batch()
-                x, y = x.to(device), y.to(device)
-                # accumulate locally; all-reduce (DDP) / reduce-scatter (FSDP) on the last micro-step
-                sync = skip_grad_sync(dist_model, tc.parallel, skip=info.enabled and micro < tc.grad_accum - 1)
-                with sync:
-                    try:
-                        with amp:
-                            _, loss = train_model(x, y)
-                    except Exception as e:  # torch.compile needs a C++ toolchain; never let it kill a run
-                        if train_model is dist_model or done_compiling:
-                            raise
-                        say(f"torch.compile failed ({type(e).__name__}); continuing without it")
-                        train_model = dist_model
-                        with amp:
-                            _, loss = train_model(x, y)
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.item()
-            if not math.isfinite(loss_sum):
-                raise UserError(f"loss became {loss_sum} at step {step}; lower train.lr or check the data")
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done_compiling = True
-            state["step"] = step = step + 1
-            state["tokens"] += tokens_per_step
-            loss_val = all_reduce_mean(loss_sum / tc.grad_accum, info, device)
-
-            elapsed = time.time() - t0
-            state["elapsed"] = elapsed
-            done_here = step - run_start_step
-            tok_s = done_here * tokens_per_step / max(time.time() - t_run, 1e-9)
-            mfu = tok_s * flops_per_token / peak
-            # With a time budget, fix the planned length once we know the speed, so the LR
-            # schedule still ends where the run ends. The speed is measured over steps 10-20,
-            # after warm-up (torch.compile, allocator), which would otherwise skew it.
-            if done_here == 10:
-                t_step10 = time.time()
-            if tc.max_minutes and done_here == 20 and step < state["planned_steps"]:
-                remaining = tc.max_minutes * 60 - elapsed
-                est = step + int(remaining / ((time.time() - t_step10) / 10) * 0.9)
-                state["planned_steps"] = max(min(state["planned_steps"], est), step + 1)
-                interval = (time.time(), step)
-            if tc.max_tokens and state["tokens"] >= tc.max_tokens:
-                state["planned_steps"], stopped_by = step, "tokens"
-            if tc.max_minutes and elapsed >= tc.max_minutes * 60:
-                state["planned_steps"], stopped_by = step, "minutes"
-            if stop.stop:
-                stopped_by = "signal"
-            state["planned_steps"], stopped_by = agree_on_stop(state["planned_steps"], stopped_by, info)
-            progress.total = state["planned_steps"]
-            metrics.write({"step": step, "loss": loss_val, "lr": lr, "tokens": state["tokens"],
-                           "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed": round(elapsed, 2)})
-            eta = (state["planned_steps"] - step) * (time.time() - t_run) / max(done_here, 1)
-            if step % tc.log_every == 0 or step == state["planned_steps"]:
-                progress.update(step, loss_val, tok_s, mfu, lr, eta)
-
-            final = step >= state["planned_steps"] or stopped_by == "signal"
-            t_step_end = time.time()
-            if (info.is_main or sharded) and (final or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
-                saved_at = _save(ckpt_root, step, model, optimizer, {
-                    **state, "loader": loader.state_dict(), "model": model_fingerprint(cfg),
-                    "tokenizer_fingerprint": tok.fingerprint, "config": dataclasses.asdict(cfg)}, info, sharded)
-                if info.is_main:
-                    ckpt.prune(ckpt_root, tc.keep_last, protect=saved_at)
-            barrier(info)
-            if stopped_by == "signal":
-                progress.message(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
-                break
-            evaluating = evaluates and (final or (tc.eval_every and step % tc.eval_every == 0))
-            if evaluating:
-                last_eval = run_eval(step)
-                metrics.write({"type": "eval", **last_eval})
-                progress.message(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl "
-                                 f"{last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte")
-                show_samples(last_eval["samples"])
-                if tc.keep_best and last_eval["val_loss"] < state["best_val_loss"]:
-                    state["best_val_loss"] = last_eval["val_loss"]
-                    _save(run_dir / "best", 0, model, None, {
-                        **state, "model": model_fingerprint(cfg), "tokenizer_fingerprint": tok.fingerprint,
-                        "config": dataclasses.asdict(cfg), "val_loss": last_eval["val_loss"], "from_step": step},
-                        info, sharded)
-            elif evaluates and tc.sample_every and step % tc.sample_every == 0:
-                texts = samples()
-                metrics.write({"type": "samples", "step": step, "samples": texts})
-                progress.message(f"step {step} samples:")
-                show_samples(texts)
-            if tc.max_minutes and evaluating and interval and not final:
-                # Re-plan with what the run has learned: the speed since the last evaluation and
-                # the cost of checkpointing + evaluating, spread over the steps between evaluations.
-                # (Rank 0's plan is the one every rank follows, from the next step.)
-                per_step = (t_step_end - interval[0]) / max(step - interval[1], 1)
-                per_step += (time.time() - t_step_end) / tc.eval_every
-                remaining = tc.max_minutes * 60 - (time.time() - t0)
-                est = step + int(remaining / per_step * 0.97)
-                state["planned_steps"] = max(min(tc.max_steps, est), step + 1)
-                interval = (time.time(), step)
-            barrier(info)
-
-    seconds = time.time() - t_run
-    trained = state["step"] - run_start_step
-    metrics.close()
-    teardown(info)
-    return TrainResult(run_dir=run_dir, step=state["step"], tokens=state["tokens"], seconds=seconds,
-                       tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), final_eval=last_eval,
-                       stopped_by=stopped_by, precision=precision, device=str(device),
-                       is_main=info.is_main)
-
-
-def _save(root: Path, step: int, model: GPT, optimizer, state: dict, info, sharded: bool) -> Path:
-    """A checkpoint, or one clear line if the disk is full or the directory unwritable. The
-    checkpoint is staged and renamed, so a failed save leaves the earlier ones as they were."""
-    try:
-        return ckpt.save_checkpoint(root, step, model, optimizer, state, info=info, sharded=sharded)
-    except OSError as e:
-        raise UserError(f"could not save the step-{step} checkpoint in {root} ({e.strerror or e}); earlier "
-                        f"checkpoints are intact: free some space, then continue with --resume") from None
-
-
-def load_for_inference(ckpt_dir: str | Path, device: str = "auto") -> tuple[GPT, Tokenizer, dict]:
-    """A model and its tokenizer from a checkpoint or run directory, ready to generate or evaluate."""
-    path = Path(ckpt_dir)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} not found")
-    if (path / "checkpoints").exists() or (path / "best").exists():  # a run directory
-        best = list(ckpt.list_checkpoints(path / "best"))
-        latest = ckpt.latest_valid(path / "checkpoints", log=lambda *_: None)
-        path = best[-1] if best and ckpt.validate(best[-1]) is None else latest
-        if path is None:
-            raise UserError(f"no valid checkpoint in run directory {ckpt_dir}")
-    problem = ckpt.validate(path)
-    if problem:
-        raise UserError(f"checkpoint {path} is not usable: {problem}")
-    state = ckpt.read_state(path)
-    from scratchlm.config import from_dict
-    cfg = from_dict(state["config"])
-    dataset_tok = Path(cfg.data.dataset_dir or cfg.run_dir / "data") / "tokenizer"
-    tok_dir = path.parent.parent / "tokenizer"
-    for candidate in (path / "tokenizer", tok_dir, dataset_tok):
-        if (candidate / "tokenizer.scratchlm.json").exists():
-            tok = Tokenizer.load(candidate)
-            break
-    else:
-        raise UserError(f"no tokenizer found for checkpoint {path} (looked in {tok_dir} and {dataset_tok})")
-    if tok.fingerprint != state.get("tokenizer_fingerprint"):
-        raise UserError(f"the tokenizer at {tok_dir} is not the one checkpoint {path} was trained with")
-    dev = pick_device(device)
-    model = GPT(cfg.model)
-    ckpt.load_model_weights(model, path)
-    model.to(dev).eval()
-    return model, tok, {"config": cfg, "state": state, "path": str(path)}
-
-
-def save_json(path: Path, data: dict) -> None:
-    from scratchlm.atomic import write_text
-    write_text(path, json.dumps(data, indent=1, default=str))
-
-
