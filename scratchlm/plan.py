@@ -30,23 +30,30 @@ COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al. 2022); nano
 
 @dataclass(frozen=True)
 class Accelerator:
+    """A device to rent. Its peak FLOP/s come from `train/hardware.py`'s datasheet table (dense,
+    no 2:4 sparsity), the same numbers the trainer reports MFU against."""
     key: str              # the name on the command line (--price KEY=USD)
-    label: str
-    bf16: float           # dense peak FLOP/s on the tensor cores (no 2:4 sparsity)
-    fp32: float           # dense fp32 peak (what fp32 matmuls get without TF32, PyTorch's default)
+    label: str            # matched against hardware.DATASHEET, as a GPU's name would be
     memory_gib: float     # what nvidia-smi reports as total, in GiB
-    price: float | None   # USD per GPU-hour, a default to override with --price
-    source: str
+    price: float | None   # USD per device-hour: a stated default, to override with --price
+
+    def peak(self, arithmetic: str) -> float:
+        from scratchlm.train.hardware import datasheet_peak
+        found = datasheet_peak(self.label, arithmetic)
+        if found is None:
+            raise KeyError(f"{self.label} is not in scratchlm/train/hardware.py's DATASHEET")
+        return found[0]
 
 
-# Datasheets print the sparse figure first, twice the dense one; these are dense.
+# Prices: A100 80GB from llm.c's run_gpt2_124M.sh ($14/h for 8), A100 40GB from llm.c's GPT-2
+# (124M) post, H100 from nanochat's speedrun.sh ($3/GPU/h); H200, L4, 4090 are our assumptions.
 ACCELERATORS: list[Accelerator] = [
-    Accelerator("a100-40gb", "A100 40GB", 312e12, 19.5e12, 40, 1.29, "NVIDIA A100 datasheet"),
-    Accelerator("a100-80gb", "A100 80GB", 312e12, 19.5e12, 80, 1.75, "NVIDIA A100 datasheet"),
-    Accelerator("h100", "H100 SXM", 989e12, 67e12, 79.6, 3.00, "NVIDIA H100 datasheet"),
-    Accelerator("h200", "H200 SXM", 989e12, 67e12, 140.4, 3.50, "NVIDIA H200 datasheet"),
-    Accelerator("l4", "L4", 121e12, 30.3e12, 22.5, 0.80, "NVIDIA L4 datasheet"),
-    Accelerator("rtx4090", "RTX 4090", 165.2e12, 82.6e12, 24, 0.40, "NVIDIA Ada whitepaper (BF16, FP32 accumulate)"),
+    Accelerator("a100-40gb", "A100 40GB", 40, 1.29),
+    Accelerator("a100-80gb", "A100 80GB", 80, 1.75),
+    Accelerator("h100", "H100 SXM", 79.6, 3.00),
+    Accelerator("h200", "H200 SXM", 140.4, 3.50),
+    Accelerator("l4", "L4", 22.5, 0.80),
+    Accelerator("rtx4090", "RTX 4090", 24, 0.40),
 ]
 CPU_KEY = "cpu"
 
@@ -137,18 +144,17 @@ def _fits(total: float, memory_gib: float) -> str:
     return "tight" if total > 0.9 * memory_gib * GiB else "yes"
 
 
-def _cpu_accelerator(precision: str, peak: float | None) -> tuple[Accelerator, float, str]:
+def _cpu_accelerator(arithmetic: str, peak: float | None) -> tuple[Accelerator, float, str]:
     """This machine: its peak is measured (there is no datasheet for "this CPU"), its memory read."""
     if peak is None:
         import torch
-        from scratchlm.train.precision import measured_peak_flops
-        peak = measured_peak_flops(torch.device("cpu"), precision)
+        from scratchlm.train.hardware import measure_matmul_flops
+        peak = measure_matmul_flops(torch.device("cpu"), arithmetic)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     except (ValueError, OSError, AttributeError):
         ram = 0.0
-    acc = Accelerator(CPU_KEY, "this CPU", peak, peak, ram, None, "measured: 1024x1024 matmul")
-    return acc, peak, f"measured, {precision}"
+    return Accelerator(CPU_KEY, "this CPU", ram, None), peak, f"measured, {arithmetic}"
 
 
 def _batch_warning(batch: int, grad_accum: int, devices: int) -> str | None:
@@ -219,6 +225,9 @@ def make_plan(cfg: Config, *, tokens: float | None = None, compute_optimal: bool
         warnings.append(problem)
     micro = max(1, tc.batch_size // (tc.grad_accum * devices))
     gpu_precision = "fp32" if tc.precision == "fp32" else "bf16"  # "auto" is bf16 on these GPUs
+    import torch
+    from scratchlm.train.hardware import matmul_arithmetic
+    arithmetic = matmul_arithmetic(torch.device("cuda"), gpu_precision)  # fp32 may run as TF32
 
     def gpu_memory(ckpt: bool) -> DeviceMemory:
         return device_memory(cfg, counts, micro, devices, parallel, gpu_precision, ckpt, GPU_OVERHEAD)
@@ -228,9 +237,9 @@ def make_plan(cfg: Config, *, tokens: float | None = None, compute_optimal: bool
 
     rows: list[Row] = []
     for acc in ACCELERATORS:
-        peak = acc.bf16 if gpu_precision == "bf16" else acc.fp32
+        peak = acc.peak(arithmetic)
         seconds = tokens * fpt * recompute / (devices * peak * mfu)
-        rows.append(Row(acc, devices, peak, f"{gpu_precision} dense", memory,
+        rows.append(Row(acc, devices, peak, f"{arithmetic} dense", memory,
                         _fits(memory.total, acc.memory_gib), seconds, prices.get(acc.key, acc.price)))
 
     from scratchlm.train.precision import cpu_supports_bf16
@@ -340,8 +349,8 @@ def render(plan: Plan) -> str:
         n = f"{r.devices} x " if r.devices > 1 else ""
         out.append(f"  {n + r.accelerator.label:<16}{peak:>18} {r.accelerator.memory_gib:>5.0f}GiB {r.fits:>6} "
                    f"{_duration(r.seconds):>14} {cost:>10}  {price}")
-    out.append("  peaks: dense datasheet figures (A100, H100, H200, L4 datasheets; Ada whitepaper for the 4090);"
-               " prices: defaults, override with --price KEY=USD")
+    out.append("  peaks: dense datasheet figures (scratchlm/train/hardware.py); prices: stated defaults, "
+               "override with --price KEY=USD")
     if plan.rows[-1].accelerator.key == CPU_KEY:
         cpu = plan.rows[-1]
         out.append(f"  this CPU: one process, micro-batch {tc.batch_size // tc.grad_accum or 1}; "
