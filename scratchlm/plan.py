@@ -15,13 +15,17 @@ It warns when the batch cannot be split over grad_accum x devices, or a device c
 
 from __future__ import annotations
 
-import math
+import copy
 import os
 from dataclasses import dataclass, field
+
+import torch
 
 from scratchlm.config import Config
 from scratchlm.errors import UserError
 from scratchlm.model.accounting import ActivationMemory, ParamCounts, activation_bytes, flops_per_token, param_counts
+from scratchlm.train.hardware import datasheet_peak, matmul_arithmetic, measure_matmul_flops
+from scratchlm.train.precision import cpu_supports_bf16
 
 GiB = 1024 ** 3
 GPU_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS workspace, allocator slack: rough, but never zero
@@ -38,7 +42,6 @@ class Accelerator:
     price: float | None   # USD per device-hour: a stated default, to override with --price
 
     def peak(self, arithmetic: str) -> float:
-        from scratchlm.train.hardware import datasheet_peak
         found = datasheet_peak(self.label, arithmetic)
         if found is None:
             raise KeyError(f"{self.label} is not in scratchlm/train/hardware.py's DATASHEET")
@@ -147,8 +150,6 @@ def _fits(total: float, memory_gib: float) -> str:
 def _cpu_accelerator(arithmetic: str, peak: float | None) -> tuple[Accelerator, float, str]:
     """This machine: its peak is measured (there is no datasheet for "this CPU"), its memory read."""
     if peak is None:
-        import torch
-        from scratchlm.train.hardware import measure_matmul_flops
         peak = measure_matmul_flops(torch.device("cpu"), arithmetic)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
@@ -173,15 +174,49 @@ def make_plan(cfg: Config, *, tokens: float | None = None, compute_optimal: bool
               devices: int = 1, parallel: str | None = None, mfu: float = 0.4,
               activation_checkpointing: bool = False, prices: dict[str, float] | None = None,
               cpu_peak: float | None = None, name: str = "") -> Plan:
-    """Plan a run of `cfg`. tokens: how many to train on (default: the config's own run,
-    train.max_tokens or max_steps x batch x context); compute_optimal: 20 tokens per parameter.
-    cpu_peak: FLOP/s of this CPU (default: measured now, ~0.3 s)."""
-    import copy
-    cfg = copy.deepcopy(cfg)
-    tc, mc = cfg.train, cfg.model
-    parallel = parallel or tc.parallel
+    """Plan a run of `cfg` on `devices` GPUs of each kind, and on this CPU.
+
+    tokens: how many to train on (default: the config's own run, train.max_tokens or
+    max_steps x batch x context); compute_optimal: 20 tokens per parameter instead.
+    prices: USD per device-hour by accelerator key; cpu_peak: this CPU's FLOP/s (default:
+    measured now, ~0.3 s)."""
+    cfg = copy.deepcopy(cfg)  # filling in vocab_size must not change the caller's config
+    parallel = parallel or cfg.train.parallel
     prices = dict(prices or {})
-    warnings: list[str] = []
+    warnings = _check_inputs(cfg, devices, parallel, mfu, prices)
+    tc, mc = cfg.train, cfg.model
+    counts, fpt = param_counts(mc), flops_per_token(mc)
+    tokens, note = _target_tokens(cfg, counts, tokens, compute_optimal)
+    micro = max(1, tc.batch_size // (tc.grad_accum * devices))
+    recompute = 4 / 3 if activation_checkpointing else 1.0  # every block's forward runs twice
+
+    # The GPUs: bf16 autocast unless the config asks for fp32 (which may run as TF32).
+    precision = "fp32" if tc.precision == "fp32" else "bf16"
+    arithmetic = matmul_arithmetic(torch.device("cuda"), precision)
+    memory, other = (device_memory(cfg, counts, micro, devices, parallel, precision, ckpt, GPU_OVERHEAD)
+                     for ckpt in (activation_checkpointing, not activation_checkpointing))
+    rows = []
+    for acc in ACCELERATORS:
+        seconds = tokens * fpt * recompute / (devices * acc.peak(arithmetic) * mfu)
+        rows.append(Row(acc, devices, acc.peak(arithmetic), f"{arithmetic} dense", memory,
+                        _fits(memory.total, acc.memory_gib), seconds, prices.get(acc.key, acc.price)))
+
+    # This CPU: one process (more processes on one CPU add no FLOPs), so the whole micro-batch.
+    cpu_precision = "fp32" if tc.precision == "fp32" or not cpu_supports_bf16() else "bf16"
+    cpu, peak, peak_note = _cpu_accelerator(cpu_precision, cpu_peak)
+    cpu_mem = device_memory(cfg, counts, max(1, tc.batch_size // tc.grad_accum), 1, parallel, cpu_precision,
+                            activation_checkpointing, 0)
+    rows.append(Row(cpu, 1, peak, peak_note, cpu_mem, _fits(cpu_mem.total, cpu.memory_gib) if cpu.memory_gib
+                    else "?", tokens * fpt * recompute / (peak * mfu), prices.get(CPU_KEY)))
+
+    plan = Plan(name, cfg, counts, fpt, tokens, note, devices, parallel, precision, mfu,
+                activation_checkpointing, micro, memory, other, rows, warnings)
+    plan.warnings += _plan_warnings(plan)
+    return plan
+
+
+def _check_inputs(cfg: Config, devices: int, parallel: str, mfu: float, prices: dict[str, float]) -> list[str]:
+    """Refuse what cannot be planned; fill in a vocabulary the preset leaves to the tokenizer."""
     if parallel not in ("ddp", "fsdp"):
         raise UserError(f"--parallel must be ddp or fsdp, got {parallel!r}")
     if devices < 1:
@@ -194,87 +229,67 @@ def make_plan(cfg: Config, *, tokens: float | None = None, compute_optimal: bool
             raise UserError(f"--price {key}=...: unknown accelerator; known: {', '.join(sorted(known))}")
         if value < 0:
             raise UserError(f"--price {key}={value}: a price cannot be negative")
-    if mc.vocab_size == 0:  # the presets size the model from the tokenizer they train
-        mc.vocab_size = cfg.tokenizer.vocab_size
-        warnings.append(f"model.vocab_size is 0 (= the tokenizer's): planned with tokenizer.vocab_size="
-                        f"{mc.vocab_size}")
-    mc.validate()
-    if tc.batch_size < 1 or tc.grad_accum < 1:
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise UserError("train.batch_size and train.grad_accum must be at least 1")
+    warnings = []
+    if cfg.model.vocab_size == 0:  # the presets size the model from the tokenizer they train
+        cfg.model.vocab_size = cfg.tokenizer.vocab_size
+        warnings.append(f"model.vocab_size is 0 (= the tokenizer's): planned with tokenizer.vocab_size="
+                        f"{cfg.model.vocab_size}")
+    cfg.model.validate()
+    return warnings
 
-    counts = param_counts(mc)
-    fpt = flops_per_token(mc)
+
+def _target_tokens(cfg: Config, counts: ParamCounts, tokens: float | None,
+                   compute_optimal: bool) -> tuple[float, str]:
+    tc = cfg.train
     if compute_optimal and tokens is not None:
         raise UserError("give --tokens or --compute-optimal, not both")
     if compute_optimal:
-        tokens = COMPUTE_OPTIMAL_TOKENS_PER_PARAM * counts.total
-        note = f"compute-optimal: {COMPUTE_OPTIMAL_TOKENS_PER_PARAM} tokens per parameter (Chinchilla)"
-    elif tokens is not None:
-        note = "as asked"
-    elif tc.max_tokens:
-        tokens, note = float(tc.max_tokens), "the config's train.max_tokens"
-    else:
-        tokens = float(tc.max_steps * tc.batch_size * mc.context_length)
-        note = (f"the config's run: train.max_steps={tc.max_steps:,} x {tc.batch_size} sequences "
-                f"x {mc.context_length} tokens")
-    if not tokens or tokens <= 0:
-        raise UserError(f"--tokens must be positive, got {tokens}")
+        return (float(COMPUTE_OPTIMAL_TOKENS_PER_PARAM * counts.total),
+                f"compute-optimal: {COMPUTE_OPTIMAL_TOKENS_PER_PARAM} tokens per parameter (Chinchilla)")
+    if tokens is not None:
+        if tokens <= 0:
+            raise UserError(f"--tokens must be positive, got {tokens:g}")
+        return float(tokens), "as asked"
+    if tc.max_tokens:
+        return float(tc.max_tokens), "the config's train.max_tokens"
+    return (float(tc.max_steps * tc.batch_size * cfg.model.context_length),
+            f"the config's run: train.max_steps={tc.max_steps:,} x {tc.batch_size} sequences "
+            f"x {cfg.model.context_length} tokens")
 
-    problem = _batch_warning(tc.batch_size, tc.grad_accum, devices)
+
+def _plan_warnings(plan: Plan) -> list[str]:
+    """What would stop the run, or make the plan wrong."""
+    tc, warnings = plan.cfg.train, []
+    problem = _batch_warning(tc.batch_size, tc.grad_accum, plan.devices)
     if problem:
         warnings.append(problem)
-    micro = max(1, tc.batch_size // (tc.grad_accum * devices))
-    gpu_precision = "fp32" if tc.precision == "fp32" else "bf16"  # "auto" is bf16 on these GPUs
-    import torch
-    from scratchlm.train.hardware import matmul_arithmetic
-    arithmetic = matmul_arithmetic(torch.device("cuda"), gpu_precision)  # fp32 may run as TF32
-
-    def gpu_memory(ckpt: bool) -> DeviceMemory:
-        return device_memory(cfg, counts, micro, devices, parallel, gpu_precision, ckpt, GPU_OVERHEAD)
-
-    memory, other = gpu_memory(activation_checkpointing), gpu_memory(not activation_checkpointing)
-    recompute = 4 / 3 if activation_checkpointing else 1.0  # every block's forward runs twice
-
-    rows: list[Row] = []
-    for acc in ACCELERATORS:
-        peak = acc.peak(arithmetic)
-        seconds = tokens * fpt * recompute / (devices * peak * mfu)
-        rows.append(Row(acc, devices, peak, f"{arithmetic} dense", memory,
-                        _fits(memory.total, acc.memory_gib), seconds, prices.get(acc.key, acc.price)))
-
-    from scratchlm.train.precision import cpu_supports_bf16
-    cpu_precision = "fp32" if tc.precision == "fp32" or not cpu_supports_bf16() else "bf16"
-    cpu, peak, peak_note = _cpu_accelerator(cpu_precision, cpu_peak)
-    cpu_micro = max(1, tc.batch_size // tc.grad_accum)  # one process: more processes add no FLOPs
-    cpu_mem = device_memory(cfg, counts, cpu_micro, 1, parallel, cpu_precision, activation_checkpointing, 0)
-    rows.append(Row(cpu, 1, peak, peak_note, cpu_mem, _fits(cpu_mem.total, cpu.memory_gib) if cpu.memory_gib
-                    else "?", tokens * fpt * recompute / (peak * mfu), prices.get(CPU_KEY)))
-
-    too_small = [r.accelerator.label for r in rows[:-1] if r.fits == "no"]
+    too_small = [r.accelerator.label for r in plan.rows[:-1] if r.fits == "no"]
     if too_small:
-        fixes = ["--activation-checkpointing"] if not activation_checkpointing else []
-        if devices > 1 and parallel == "ddp":
+        fixes = [] if plan.checkpointing else ["--activation-checkpointing"]
+        if plan.devices > 1 and plan.parallel == "ddp":
             fixes.insert(0, "--parallel fsdp")
-        if micro > 1:
-            fixes.append(f"a smaller micro-batch (raise train.grad_accum; now {micro} sequences per device)")
-        fixes.append("more devices" if parallel == "fsdp" or devices == 1 else "")
-        warnings.append(f"needs ~{memory.total / GiB:.1f} GiB per device: does not fit on "
-                        f"{', '.join(too_small)}; try {', '.join(f for f in fixes if f)}")
-    if activation_checkpointing:
+        if plan.micro_batch > 1:
+            fixes.append(f"a smaller micro-batch (raise train.grad_accum; now {plan.micro_batch} sequences "
+                         f"per device)")
+        fixes.append("more devices")
+        warnings.append(f"needs ~{plan.memory.total / GiB:.1f} GiB per device: does not fit on "
+                        f"{', '.join(too_small)}; try {', '.join(fixes)}")
+    if plan.checkpointing:
         warnings.append("activation checkpointing is planned here, but scratchlm's trainer does not "
                         "implement it yet: a real run needs the memory without it")
     if tc.max_minutes:
-        capped = [r for r in rows if r.seconds > tc.max_minutes * 60]
+        capped = [r for r in plan.rows if r.seconds > tc.max_minutes * 60]
         if capped:
-            reach = ", ".join(f"{r.accelerator.label} ~{_count(tokens * tc.max_minutes * 60 / r.seconds)}"
+            reach = ", ".join(f"{r.accelerator.label} ~{_count(plan.tokens * tc.max_minutes * 60 / r.seconds)}"
                               for r in capped)
-            warnings.append(f"train.max_minutes={tc.max_minutes:g} stops the run before {_count(tokens)} tokens "
-                            f"on: {reach} tokens at this MFU")
-    if devices > 8:
-        warnings.append(f"{devices} devices is several nodes: the MFU assumes the interconnect keeps up "
+            warnings.append(f"train.max_minutes={tc.max_minutes:g} stops the run before {_count(plan.tokens)} "
+                            f"tokens on: {reach} tokens at this MFU")
+    if plan.devices > 8:
+        warnings.append(f"{plan.devices} devices is several nodes: the MFU assumes the interconnect keeps up "
                         f"(across nodes without InfiniBand it usually does not)")
-    return Plan(name, cfg, counts, fpt, tokens, note, devices, parallel, gpu_precision, mfu,
-                activation_checkpointing, micro, memory, other, rows, warnings)
+    return warnings
 
 
 # --- printing -----------------------------------------------------------------------------------

@@ -137,7 +137,12 @@ def activation_bytes(cfg: ModelConfig, tokens: int, precision: str,
 
     With activation checkpointing each block keeps only its fp32 input and recomputes the rest
     during backward, one block at a time: L·4d + one block's activations, and only one block's
-    bf16 weight copies at a time."""
+    bf16 weight copies at a time.
+
+    Counted for eager PyTorch with fused attention (the tests measure it on CPU within 2%).
+    With dropout > 0, CUDA's fused attention still keeps no T×T matrix and that is what we
+    count; PyTorch's CPU attention then falls back to one that does (~14·heads·T bytes per
+    token per layer more)."""
     counts = param_counts(cfg)
     layer = layer_bytes_per_token(cfg, precision)
     head = head_bytes_per_token(cfg, precision)
