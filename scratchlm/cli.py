@@ -297,6 +297,27 @@ def cmd_chat(a) -> None:
          top_p=a.top_p, seed=a.seed, system=a.system)
 
 
+def _prices(items: list[str]) -> dict[str, float]:
+    prices = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            prices[key.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"bad --price {item!r}: write ACCELERATOR=USD_PER_HOUR, e.g. --price h100=2.49") from None
+    return prices
+
+
+def cmd_plan(a) -> None:
+    from scratchlm.config import load_config
+    from scratchlm.plan import make_plan, render
+    cfg = load_config(a.config, a.overrides)
+    plan = make_plan(cfg, tokens=a.tokens, compute_optimal=a.compute_optimal, devices=a.devices,
+                     parallel=a.parallel, mfu=a.mfu, activation_checkpointing=a.activation_checkpointing,
+                     prices=_prices(a.price), name=a.config)
+    print(render(plan))
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Help
     parser = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizer, "
@@ -373,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="processes to check the config for (with --dry-run)")
     _add_set(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory per device, time and cost of a run, before "
+                       "you start it", formatter_class=fmt)
+    p.add_argument("--config", default="quickstart", help="preset name or .toml path")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--tokens", type=float, default=None,
+                        help="tokens to train on, e.g. 10e9 (default: the config's max_tokens or max_steps)")
+    target.add_argument("--compute-optimal", action="store_true", help="20 tokens per parameter (Chinchilla)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs in total, over all nodes")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None, help="default: the config's train.parallel")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume, a fraction of the peak")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="plan memory and time with each block's activations recomputed in backward")
+    p.add_argument("--price", action="append", default=[], metavar="ACCELERATOR=USD",
+                   help="price per device-hour, e.g. --price h100=2.49 (repeatable; cpu too)")
+    _add_set(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint: a classifier, or instruction following (SFT)",
                        formatter_class=fmt)

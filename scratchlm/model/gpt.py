@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scratchlm.errors import UserError
+from scratchlm.model import accounting
 from scratchlm.model.attention import CausalSelfAttention, KVCache, rope_tables
 from scratchlm.model.config import ModelConfig
 
@@ -160,20 +161,16 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6N (forward 2N + backward 4N) plus attention's
-        Q·Kᵀ and weights·V, 12 · layers · width · context (the PaLM appendix formula)."""
-        c = self.cfg
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.d_model * c.context_length
+        """Training FLOPs per token: 6N + 12 · layers · width · context (see model/accounting.py;
+        N leaves out lookup tables, so an untied token embedding costs nothing)."""
+        return accounting.flops_per_token(self.cfg)
 
-    def memory_estimate(self, batch_size: int, bytes_per_act: int = 4) -> dict:
-        """Rough training memory: fp32 weights + grads + AdamW moments (16 B/param) plus
-        activations (~34·T·d + 5·H·T² values per layer per sequence, Korthikanti et al. 2022)."""
-        c = self.cfg
-        params = self.num_params()
-        act = batch_size * c.n_layers * (34 * c.context_length * c.d_model + 5 * c.n_heads * c.context_length ** 2)
-        act += batch_size * c.context_length * c.vocab_size * 2  # logits and their gradient
-        return {"params_bytes": params * 16, "activations_bytes": act * bytes_per_act,
-                "total_bytes": params * 16 + act * bytes_per_act}
+    def memory_estimate(self, batch_size: int, precision: str = "fp32") -> dict:
+        """Training memory on one device: fp32 weights + grads + AdamW moments (16 B/param) plus
+        the activations of `batch_size` sequences (model/accounting.py; `scratchlm plan` has more)."""
+        params = self.num_params() * 16
+        acts = accounting.activation_bytes(self.cfg, batch_size * self.cfg.context_length, precision).total
+        return {"params_bytes": params, "activations_bytes": acts, "total_bytes": params + acts}
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         c = self.cfg
