@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC", formatter_class=fmt)
-    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc"])
+    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc"], help="what to measure")
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="text file or prepared dataset (perplexity); task file or dir")
     p.add_argument("--split", default="val", help="split of a prepared dataset to score (perplexity)")
