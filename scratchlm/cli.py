@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier, preference pairs",
                        formatter_class=fmt)
-    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify", "preference"])
+    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify", "preference"],
+                   help="what to measure")
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="text file or prepared dataset (perplexity); task file or dir")
     p.add_argument("--split", default="val", help="split of a prepared dataset to score (perplexity)")
