@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 import threading
 from functools import partial
 from http.server import HTTPServer, SimpleHTTPRequestHandler
@@ -9,13 +10,14 @@ import pytest
 
 from scratchlm.data.clean import CleanStats, QualityFilter, clean_document, normalize, strip_gutenberg
 from scratchlm.data.dataset import RandomWindowLoader, SlidingWindowDataset
-from scratchlm.data.decontam import Decontaminator
+from scratchlm.data.decontam import Decontaminator, load_eval_texts
 from scratchlm.data.dedup import deduplicate, jaccard
 from scratchlm.config import DataConfig, TokenizerConfig
 from scratchlm.data.prepare import prepare, split_documents
-from scratchlm.data.shards import load_split, read_index
+from scratchlm.data.shards import ShardedTokens, load_split, read_index
 from scratchlm.data.sources import ReadOptions, iter_documents
 from scratchlm.errors import UserError
+from scratchlm.tokenizer import Tokenizer
 
 
 def test_sources_txt_jsonl_gz_parquet_dir_glob(tmp_path):
@@ -180,3 +182,165 @@ def test_loader_resumes_at_exactly_the_next_batch_and_shards_by_rank():
     r0 = RandomWindowLoader(tokens, 8, 16, seed=3, rank=0, world_size=2).next_batch()[0]
     r1 = RandomWindowLoader(tokens, 8, 16, seed=3, rank=1, world_size=2).next_batch()[0]
     assert (full == np.concatenate([r0, r1])).all()
+
+
+# --- issue 12: every number printed must be one a user can trust ------------------------------
+
+def quiet(*_):
+    pass
+
+
+def test_one_file_without_blank_lines_gets_a_validation_split(tmp_path, shared):
+    text = (shared / "tinyshakespeare.txt").read_text()[:60_000].replace("\n\n", "\n")
+    (tmp_path / "one.txt").write_text(text)
+    s = prepare(DataConfig(corpus=str(tmp_path / "one.txt")), TokenizerConfig(vocab_size=300), tmp_path / "out", log=quiet)
+    assert s["split_by"] == "span" and s["val_docs"] >= 1
+    assert 0.02 < s["val_tokens"] / (s["val_tokens"] + s["train_tokens"]) < 0.1   # about val_fraction = 5%
+    tok = Tokenizer.load(tmp_path / "out" / "tokenizer")
+    val_text = tok.decode([t for t in load_split(tmp_path / "out", "val") if t != tok.eot_id])
+    assert val_text.strip() and val_text.split("\n")[3] in text  # a real contiguous span of the corpus
+    (tmp_path / "tiny.txt").write_text("One short line of text that cannot be cut into a train and a val part.\n")
+    with pytest.raises(UserError, match="too small to hold out a validation split"):
+        prepare(DataConfig(corpus=str(tmp_path / "tiny.txt")), TokenizerConfig(vocab_size=300), tmp_path / "o2", log=quiet)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_split_documents_spans_concatenate_back(shared):
+    text = (shared / "the-verdict.txt").read_text()
+    train, val = split_documents([text], 0.1, seed=0)
+    assert len(val) >= 1 and sorted(train + val, key=text.index) and "".join(sorted(train + val, key=text.index)) == text
+
+
+def test_shards_refuse_another_tokenizer(tiny_dataset, small_tokenizer):
+    with pytest.raises(UserError, match="tokenized by another tokenizer"):
+        load_split(tiny_dataset, "val", tokenizer=small_tokenizer)
+    own = Tokenizer.load(tiny_dataset / "tokenizer")
+    assert len(load_split(tiny_dataset, "val", tokenizer=own)) == read_index(tiny_dataset)["splits"]["val"]["tokens"]
+
+
+def test_multi_shard_split_is_read_without_joining(tmp_path, shared):
+    s = prepare(DataConfig(corpus=str(shared / "the-verdict.txt"), shard_tokens=2000), TokenizerConfig(vocab_size=300),
+                tmp_path / "ds", log=quiet)
+    index = read_index(tmp_path / "ds")
+    assert len(index["splits"]["train"]["shards"]) > 3
+    tokens = load_split(tmp_path / "ds", "train")
+    assert isinstance(tokens, ShardedTokens) and len(tokens) == s["train_tokens"]
+    joined = np.concatenate([np.fromfile(tmp_path / "ds" / sh["file"], dtype=np.uint16)
+                             for sh in index["splits"]["train"]["shards"]])
+    for a, b in [(0, 10), (1990, 2050), (5, 7000), (len(joined) - 3, len(joined) + 5), (100, 100)]:
+        assert tokens[a:b].tolist() == joined[a:b].tolist()
+    assert tokens[2001] == joined[2001] and tokens[-1] == joined[-1]
+    loader = RandomWindowLoader(tokens, batch_size=4, context_length=64, seed=1)
+    x, y = loader.next_batch()
+    assert (x[:, 1:] == y[:, :-1]).all()
+
+
+PREPARE_AND_LOAD = r"""
+import json, resource, sys
+from scratchlm.config import DataConfig, TokenizerConfig
+from scratchlm.data.dataset import RandomWindowLoader
+from scratchlm.data.prepare import prepare
+from scratchlm.data.shards import load_split
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+corpus, out = sys.argv[1], sys.argv[2]
+base = rss()
+s = prepare(DataConfig(corpus=corpus, shard_tokens=1_000_000, val_fraction=0.01), TokenizerConfig(vocab_size=300),
+            out, log=lambda *_: None)
+s["prepare_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+loader = RandomWindowLoader(load_split(out, "train"), batch_size=8, context_length=64, seed=0)
+for _ in range(20):
+    x, y = loader.next_batch()
+print(json.dumps({**s, "loader": type(loader.tokens).__name__}))
+"""
+
+
+def test_prepare_and_loader_memory_does_not_grow_with_the_corpus(tmp_path, shared):
+    """Prepare a 6 MB and an 18 MB corpus in fresh processes: the peak resident memory over what
+    the imports took may hold a fixed working set, but not the corpus. Tripling the corpus adds
+    less than half of the extra 12 MB (keeping the documents, as prepare used to, adds more than
+    all of it), so a corpus larger than RAM prepares. The loader then reads the multi-shard split
+    through memory maps (`ShardedTokens`), never joined into one array."""
+    import random
+    import subprocess
+    import sys
+    rng = random.Random(0)
+    words = sorted(set((shared / "tinyshakespeare.txt").read_text().split()))[:3000]
+    growth, sizes = [], []
+    for n_docs in (600, 1800):
+        corpus = tmp_path / f"c{n_docs}.jsonl"
+        with open(corpus, "w") as f:
+            for i in range(n_docs):
+                f.write(json.dumps({"text": " ".join(rng.choices(words, k=1300))}) + "\n")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+        r = subprocess.run([sys.executable, "-c", PREPARE_AND_LOAD, str(corpus), str(tmp_path / f"o{n_docs}")],
+                           capture_output=True, text=True, env=env, timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        s = json.loads(r.stdout.splitlines()[-1])
+        assert s["train_docs"] + s["val_docs"] == n_docs and s["val_docs"] == n_docs // 100
+        assert s["loader"] == "ShardedTokens"
+        growth.append(s["prepare_growth"])
+        sizes.append(corpus.stat().st_size)
+    assert len(read_index(tmp_path / "o1800")["splits"]["train"]["shards"]) > 5
+    assert growth[1] - growth[0] < (sizes[1] - sizes[0]) / 2, ([g / 1e6 for g in growth], [x / 1e6 for x in sizes])
+
+
+def test_wordless_documents_are_not_near_duplicates_of_each_other(shared):
+    texts = ["!!! ??? ...", "--- *** ---", "12 34 56"[:0] + "### ### ###", "... ... ,,,",
+             (shared / "the-verdict.txt").read_text()[:3000]]
+    res = deduplicate(texts, threshold=0.8)
+    assert res.near_dups == 0 and res.clusters == [] and all(res.keep)
+
+
+def test_bad_input_gives_one_line_not_a_traceback_or_a_surprise(tmp_path, capsys):
+    (tmp_path / "bad.txt.zst").write_bytes(b"this is not zstd data at all")
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        list(iter_documents(str(tmp_path / "bad.txt.zst")))
+    (tmp_path / "table.csv").write_text("question,answer\nwhat,that\n")
+    with pytest.raises(UserError, match="is a table, not a text corpus"):
+        list(iter_documents(str(tmp_path / "table.csv")))
+    (tmp_path / "blank.jsonl").write_text('\n\n{"text": "ok"}\n\n{broken\n')
+    with pytest.raises(UserError, match=r"blank.jsonl:5: malformed"):
+        list(iter_documents(str(tmp_path / "blank.jsonl")))
+    # undecodable bytes are counted, reported, and recorded in the index
+    (tmp_path / "latin1").mkdir()
+    for i in range(3):
+        (tmp_path / "latin1" / f"{i}.txt").write_bytes(("Caf\xe9 cr\xe8me and more words to keep it long. " * 20).encode("latin-1"))
+    logs = []
+    prepare(DataConfig(corpus=str(tmp_path / "latin1"), dedup=False), TokenizerConfig(vocab_size=300), tmp_path / "o",
+            log=logs.append)
+    assert read_index(tmp_path / "o")["stats"]["clean"]["bad_bytes"] == 3 * 40
+    assert any("120 undecodable byte sequences" in m for m in logs)
+
+
+def test_decontamination_reads_every_eval_file_or_refuses(tmp_path, shared):
+    (tmp_path / "notmmlu.csv").write_text("id,text\n1,hello\n")
+    (tmp_path / "other.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    for bad, msg in (("notmmlu.csv", "unrecognised MMLU layout"), ("other.jsonl", "not a recognised eval file")):
+        with pytest.raises(UserError, match=msg):
+            load_eval_texts([str(tmp_path / bad)])
+    # one word definition: a hyphenated 8-"word" item has 19 \w+ words, so it does have 13-grams
+    item = "A state-of-the-art, well-to-do, up-to-date mother-in-law met the editor-in-chief."
+    assert len(item.split()) < 13
+    rep = Decontaminator({"hyphens": [item]}).check(["unrelated text " * 20, "He said: " + item.lower() + " Then left."])
+    assert rep.flagged == [1]
+
+
+def test_prepare_decontaminates_while_streaming(tmp_path, shared):
+    from scratchlm.eval.tasks import load_arc
+    arc = shared / "arc" / "arc_easy_validation.jsonl"
+    leaked = load_arc(arc)[7]
+    words = (shared / "tinyshakespeare.txt").read_text().split()
+    (tmp_path / "c").mkdir()
+    for i in range(30):
+        extra = (" " + leaked.context + " " + " ".join(leaked.choices)) if i == 17 else ""
+        (tmp_path / "c" / f"{i:02d}.txt").write_text(" ".join(words[i * 300:(i + 1) * 300]) + extra)
+    s = prepare(DataConfig(corpus=str(tmp_path / "c"), decontaminate=[str(arc)], drop_contaminated=True),
+                TokenizerConfig(vocab_size=300), tmp_path / "o", log=quiet)
+    rep = read_index(tmp_path / "o")["stats"]["decontamination"]
+    assert rep["docs_flagged"] == 1 and rep["per_eval_set"][str(arc)]["items"] == 570
+    assert s["train_docs"] + s["val_docs"] == 29

@@ -122,7 +122,7 @@ class MinHasher:
             sizes = np.where(short, 1, sizes)
         return grams & _MASK32, sizes
 
-    def signatures(self, texts: list[str], chunk_rows: int = 65536) -> np.ndarray:
+    def signatures(self, texts: list[str], chunk_rows: int = 8192) -> np.ndarray:
         """(len(texts), num_perm) uint32 signatures.
 
         h_k(x) = (a_k x + b_k) mod 2^64, keeping the top 32 bits. The shift is monotone, so we take

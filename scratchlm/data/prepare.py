@@ -22,7 +22,7 @@ import numpy as np
 
 from scratchlm.atomic import staged_dir
 from scratchlm.config import DataConfig, TokenizerConfig
-from scratchlm.data.clean import CleanStats, QualityFilter, clean_document
+from scratchlm.data.clean import CleanStats, QualityFilter, clean_document, normalize, strip_gutenberg
 from scratchlm.data.dedup import Deduplicator
 from scratchlm.data.shards import FORMAT, INDEX, VERSION, ShardWriter, dtype_for_vocab
 from scratchlm.data.sources import ReadOptions, iter_documents
@@ -31,7 +31,7 @@ from scratchlm.tokenizer import Tokenizer
 
 MIN_DOCS_FOR_DOCUMENT_SPLIT = 20  # fewer documents (one big file, say): split contiguous spans instead
 SPANS_PER_CORPUS = 40             # ...about this many, so val gets whole spans and train the rest
-BATCH = 256                       # documents per batch in every pass
+BATCH_CHARS = 1 << 19             # characters per batch in every pass: bounds memory, not only documents
 
 
 def split_key(text: str, seed: int) -> int:
@@ -44,15 +44,16 @@ def cut_spans(text: str, target_chars: int) -> list[str]:
     one near the cut, else a line break, else a space. The spans concatenate back to the text."""
     spans, start = [], 0
     while len(text) - start > 1.5 * target_chars:
-        lo, hi = start + target_chars // 2, start + 3 * target_chars // 2
+        lo, mid, hi = start + target_chars // 2, start + target_chars, start + 3 * target_chars // 2
         cut = -1
-        for sep in ("\n\n", "\n", " "):
-            cut = text.rfind(sep, lo, hi)
+        for sep in ("\n\n", "\n", " "):  # the separator nearest before the target, else after it
+            cut = text.rfind(sep, lo, mid)
+            cut = cut if cut != -1 else text.find(sep, mid, hi)
             if cut != -1:
                 cut += len(sep)
                 break
         if cut == -1:
-            cut = start + target_chars
+            cut = mid
         spans.append(text[start:cut])
         start = cut
     spans.append(text[start:])
@@ -79,13 +80,15 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     return [d for d, v in zip(docs, mask) if not v], [d for d, v in zip(docs, mask) if v]
 
 
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
+def _batched(items: Iterable, chars: Callable[[object], int], limit: int = BATCH_CHARS) -> Iterator[list]:
+    """Group a stream into lists of about `limit` characters (one long item is a batch alone)."""
+    batch, size = [], 0
     for x in items:
         batch.append(x)
-        if len(batch) == n:
+        size += chars(x)
+        if size >= limit:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -104,13 +107,20 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
     qf = QualityFilter(min_chars=data.min_chars)
     read = ReadOptions(data.text_field, data.on_bad_record)
 
+    passed: list[bool] = []  # per document read: did it pass the quality filters (pass 1 decides)
+
     def cleaned(cstats: CleanStats | None = None) -> Iterator[str]:
-        """The corpus after cleaning and the size caps: the same sequence on every pass."""
-        cstats = cstats or CleanStats()
+        """The corpus after cleaning and the size caps: the same sequence on every pass. The first
+        pass (with `cstats`) runs the quality filters and remembers their verdicts; later passes
+        only normalise the documents that passed."""
         n = chars = 0
-        for doc in iter_documents(data.corpus, read):
-            cstats.bad_bytes += doc.bad_bytes
-            text = clean_document(doc.text, qf, cstats)
+        for k, doc in enumerate(iter_documents(data.corpus, read)):
+            if cstats is not None:
+                cstats.bad_bytes += doc.bad_bytes
+                text = clean_document(doc.text, qf, cstats)
+                passed.append(text is not None)
+            else:
+                text = normalize(strip_gutenberg(doc.text)) if passed[k] else None
             if text is None:
                 continue
             yield text
@@ -124,7 +134,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
         dedup = Deduplicator(threshold=data.near_dedup_threshold, near=data.dedup, exact=data.dedup,
                              seed=seed, spill_dir=tmp / ".dedup")
         lengths: list[int] = []
-        for batch in _batched(cleaned(cstats), BATCH):
+        for batch in _batched(cleaned(cstats), len):
             dedup.add(batch)
             lengths.extend(map(len, batch))
         stats["clean"] = asdict(cstats)
@@ -157,19 +167,16 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
         dropped: set[int] = set()
 
         def kept_docs() -> Iterator[tuple[int, str]]:
-            i = 0
-            for batch in _batched(cleaned(), BATCH):
-                for text in batch:
-                    if keep[i] and i not in dropped:
-                        yield i, text
-                    i += 1
+            for i, text in enumerate(cleaned()):
+                if keep[i] and i not in dropped:
+                    yield i, text
 
         def units() -> Iterator[str]:
             for _, text in kept_docs():
                 yield from (cut_spans(text, span_chars) if by_span else [text])
 
         if contam is not None:
-            for batch in _batched(kept_docs(), BATCH):
+            for batch in _batched(kept_docs(), lambda d: len(d[1])):
                 before = len(report.flagged)
                 contam.check([t for _, t in batch], report)
                 hits = report.flagged[before:]
@@ -208,7 +215,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
         writers = {"train": ShardWriter(tmp, "train", dtype, tok.eot_id, data.shard_tokens),
                    "val": ShardWriter(tmp, "val", dtype, tok.eot_id, data.shard_tokens)}
         nbytes = {"train": 0, "val": 0}
-        for batch in _batched(zip(units(), is_val), BATCH):
+        for batch in _batched(zip(units(), is_val), lambda u: len(u[0])):
             for (text, v), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
                 split = "val" if v else "train"
                 writers[split].add(ids)
