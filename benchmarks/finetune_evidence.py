@@ -2,6 +2,8 @@
 
     python -m benchmarks.finetune_evidence baseline --data ../shared/data/sms_spam_part1.tsv
         bag-of-words logistic regression on the same seeded split as `scratchlm finetune classify`
+    python -m benchmarks.finetune_evidence classify --run runs/spam --data ../shared/data/sms_spam_part1.tsv
+        a classifier run's test split, scored with the checkpoint `scratchlm classify` loads
     python -m benchmarks.finetune_evidence sft --base runs/base --run runs/sft --data instruction-data.json
         held-out response loss before/after, share of answers that end with the end token, 5 examples
 """
@@ -92,12 +94,32 @@ def sft_report(base: str, run: str, data: str, n_answers: int, n_table: int) -> 
             "end_token_rate": round(sum(e for _, e in answers) / max(len(answers), 1), 4), "table": rows}
 
 
+def classifier_test(run: str, data: str) -> dict:
+    """The test-split metrics of a classifier run (the split its config defines), with the checkpoint
+    `scratchlm classify --ckpt RUN` loads."""
+    from scratchlm.config import from_dict
+    from scratchlm.finetune.classify import predict
+    from scratchlm.train.checkpoint import load_for_inference
+    model, tok, meta = load_for_inference(run, device="cpu")
+    task, cfg = meta["state"]["task"], from_dict(meta["state"]["config"])
+    records = load_labeled(data)
+    test = [records[i] for i in split_indices(len(records), cfg.finetune.val_fraction, cfg.finetune.test_fraction,
+                                              cfg.run.seed)["test"]]
+    probs = predict(model, tok, [r.text for r in test], task["max_length"])
+    labels = task["labels"]
+    return {"run": run, "checkpoint": meta["path"], "trainable": task["trainable"], "init": task["init"],
+            "test": classification_metrics([labels.index(r.label) for r in test], probs.argmax(-1).tolist(), labels)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("baseline")
     p.add_argument("--data", required=True)
     p.add_argument("--seed", type=int, default=1337)
+    p = sub.add_parser("classify")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
     p = sub.add_parser("sft")
     p.add_argument("--base", required=True)
     p.add_argument("--run", required=True)
@@ -108,6 +130,9 @@ def main() -> None:
     if a.what == "baseline":
         d = FinetuneConfig()
         res = bag_of_words_baseline(a.data, a.seed, d.val_fraction, d.test_fraction)
+        print(format_metrics(res["test"]))
+    elif a.what == "classify":
+        res = classifier_test(a.run, a.data)
         print(format_metrics(res["test"]))
     else:
         res = sft_report(a.base, a.run, a.data, a.answers, a.table)
