@@ -18,7 +18,6 @@ import random
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.nn as nn
 
 from scratchlm.align.data import EncodedPair, encode_pairs, load_pairs, split_pairs
