@@ -206,7 +206,7 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
                 plan = budget.after_step(step, plan, evaluated=evaluated, eval_every=tc.eval_every)
             if tc.max_tokens and state["tokens"] >= tc.max_tokens:
                 plan, reason = step, "tokens"
-            if tc.max_minutes and budget.expired():
+            if tc.max_minutes and (budget.expired() or step >= plan < tc.max_steps):  # out of time, or of the steps that fit
                 plan, reason = step, "minutes"
             state["planned_steps"], stopped_by = agree_on_stop(plan, "signal" if stop.stop else reason, info)
             state["elapsed"] = budget.elapsed()
