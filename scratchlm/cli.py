@@ -142,6 +142,10 @@ def cmd_eval_preference(a) -> None:
 def cmd_finetune(a) -> None:
     from scratchlm.config import load_config
     from scratchlm.finetune.run import finetune_classify, finetune_sft
+    shape = [o for o in a.overrides if o.strip().startswith("model.")]
+    if shape:
+        raise UserError(f"--set {shape[0]}: a fine-tune keeps the base checkpoint's model shape; drop the model.* "
+                        f"setting (finetune.max_length limits the example length)")
     cfg = load_config(a.config, a.overrides)
     out = Path(a.out)
     cfg.run.out_dir, cfg.run.name = str(out.parent), out.name

@@ -26,7 +26,7 @@ from scratchlm.finetune.classify import (ClassifyObjective, classification_metri
                                          label_names, predict)
 from scratchlm.finetune.data import load_conversations, load_labeled, pad_id, split_indices
 from scratchlm.finetune.lora import base_fingerprint, count_trainable, save_adapter
-from scratchlm.finetune.sft import SFTObjective, answer, encode_examples, prompt_messages, response_loss
+from scratchlm.finetune.sft import SFTObjective, encode_examples, prompt_messages, response_loss
 from scratchlm.finetune.templates import check_tokenizer, get_template
 
 
@@ -66,6 +66,7 @@ def _describe(model, mode: str, cfg: Config) -> str:
 
 def finetune_classify(cfg: Config, base: str, data: str, resume: bool = False,
                       log: Callable[[str], None] = print):
+    from scratchlm.train.checkpoint import load_for_inference
     from scratchlm.train.trainer import train
     fc = cfg.finetune
     records = load_labeled(data)
@@ -98,14 +99,15 @@ def finetune_classify(cfg: Config, base: str, data: str, resume: bool = False,
     if not result.is_main:
         return result, {}
 
-    # Score the held-out test split with the final weights.
-    device = next(gpt.parameters()).device
-    gpt.eval()
-    probs = predict(gpt, tok, [r.text for r in parts["test"]], max_len)
+    # Score the held-out test split with the checkpoint `scratchlm classify --ckpt RUN` uses (the best
+    # on the validation split, if kept).
+    model, _, saved = load_for_inference(result.run_dir, device=cfg.run.device)
+    probs = predict(model, tok, [r.text for r in parts["test"]], max_len)
     metrics = classification_metrics([index[r.label] for r in parts["test"]], probs.argmax(-1).tolist(), labels)
-    report = {"task": "classify", "data": str(data), "split": {k: len(v) for k, v in parts.items()},
-              "seed": cfg.run.seed, "test": metrics, "steps": result.step, "seconds": round(result.seconds, 1),
-              "trainable": count_trainable(gpt)[0], "device": str(device), **{k: meta[k] for k in ("init", "trainable")}}
+    report = {"task": "classify", "data": str(data), "checkpoint": saved["path"], "seed": cfg.run.seed,
+              "split": {k: len(v) for k, v in parts.items()}, "test": metrics, "steps": result.step,
+              "seconds": round(result.seconds, 1), "tokens_per_s": round(result.tokens_per_s, 1),
+              "trainable_params": count_trainable(gpt)[0], "init": fc.init, "trainable": mode}
     _finish(result.run_dir, report, gpt, fingerprint)
     write_text(result.run_dir / "report.md", f"# Classifier: {result.run_dir}\n\nTest split of {data}:\n\n```\n"
                f"{format_metrics(metrics)}\n```\n")
@@ -113,10 +115,8 @@ def finetune_classify(cfg: Config, base: str, data: str, resume: bool = False,
     return result, report
 
 
-def finetune_sft(cfg: Config, base: str, data: str, resume: bool = False, log: Callable[[str], None] = print,
-                 eval_answers: int = 0):
-    """`eval_answers`: also generate greedy answers to that many test prompts after training and
-    report how many end with the end token."""
+def finetune_sft(cfg: Config, base: str, data: str, resume: bool = False, log: Callable[[str], None] = print):
+    from scratchlm.train.checkpoint import load_for_inference
     from scratchlm.train.trainer import train
     fc = cfg.finetune
     template = get_template(fc.template)
@@ -152,18 +152,13 @@ def finetune_sft(cfg: Config, base: str, data: str, resume: bool = False, log: C
     result = train(cfg, gpt, objective, resume=resume, log=log)
     if not result.is_main:
         return result, {}
-    gpt.eval()
-    report = {"task": "sft", "data": str(data), "template": template.name, "seed": cfg.run.seed,
-              "split": {k: len(v) for k, v in enc.items()}, "steps": result.step, "seconds": round(result.seconds, 1),
-              "tokens_per_s": round(result.tokens_per_s, 1), "trainable": count_trainable(gpt)[0],
-              "test_response_loss": response_loss(gpt, enc["test"], pad_id(tok)),
+    model, _, saved = load_for_inference(result.run_dir, device=cfg.run.device)
+    report = {"task": "sft", "data": str(data), "checkpoint": saved["path"], "template": template.name,
+              "seed": cfg.run.seed, "split": {k: len(v) for k, v in enc.items()}, "steps": result.step,
+              "seconds": round(result.seconds, 1), "tokens_per_s": round(result.tokens_per_s, 1),
+              "trainable_params": count_trainable(gpt)[0], "trainable": mode,
+              "test_response_loss": response_loss(model, enc["test"], pad_id(tok)),
               "truncated": {k: dataclasses.asdict(r) for k, r in reps.items()}}
-    if eval_answers:
-        conv = parts["test"][:eval_answers]
-        answers = answer(gpt, tok, template, [prompt_messages(c) for c in conv])
-        report["end_token_rate"] = sum(ended for _, ended in answers) / max(len(answers), 1)
-        report["answers"] = [{"prompt": prompt_messages(c)[-1]["content"], "reference": c.messages[-1]["content"],
-                              "generated": text, "ended": ended} for c, (text, ended) in zip(conv, answers)]
     _finish(result.run_dir, report, gpt, fingerprint)
     return result, report
 
