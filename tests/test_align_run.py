@@ -128,3 +128,10 @@ def test_cli_align_and_eval_preference(tmp_path, base, pairs_file, capsys):
     line = capsys.readouterr().out
     assert "95% CI" in line and "n=12" in line and "beta 0.5" in line
     assert json.loads((out / "eval_preference.json").read_text())["n"] == 12
+    # generate wraps a DPO run's prompt in its template, as for an SFT run
+    from scratchlm.finetune.templates import task_prompts
+    state = ckpt.read_state(ckpt.list_checkpoints(out / "checkpoints")[-1])
+    from scratchlm.tokenizer import Tokenizer
+    prompts, _ = task_prompts(state["task"], Tokenizer.load(out / "tokenizer"), ["Say kind."])
+    assert prompts[0].endswith("### Response:\n") and "Say kind." in prompts[0]
+    assert main(["generate", "--ckpt", str(out), "--prompt", "Say kind.", "--max-new-tokens", "3", "--greedy"]) == 0

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from scratchlm.errors import UserError
-from scratchlm.finetune.templates import Template, check_messages, encode_prompt_response
+from scratchlm.finetune.templates import Template, check_messages, check_tokenizer, encode_prompt_response
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -187,21 +187,19 @@ def load_pairs(path: str | Path, on_bad_record: str = "stop") -> tuple[list[Pref
 
 def encode_pairs(pairs: list[PreferencePair], tok, template: Template, context_length: int,
                  on_bad_record: str = "stop", skipped: list | None = None,
-                 log: Callable[[str], None] = print) -> list[EncodedPair]:
+                 log: Callable[[str], None] = print, kept: list | None = None) -> list[EncodedPair]:
     """Token ids for each pair. A prompt that leaves no room for a response in the context is a bad
-    record; a response that overflows it is cut at the context (its end token then falls off)."""
+    record; a response that overflows it is cut at the context (its end token then falls off).
+    `kept`, if given, receives the PreferencePairs that were encoded, in order."""
     skipped = [] if skipped is None else skipped
+    check_tokenizer(tok, template)  # a template the tokenizer cannot encode fails every pair: say it once
     out, cut = [], 0
     for pair in pairs:
         try:
             try:
                 prompt_ids, chosen_ids = encode_prompt_response(tok, template, pair.prompt, pair.chosen)
                 _, rejected_ids = encode_prompt_response(tok, template, pair.prompt, pair.rejected)
-            except BadRecord:
-                raise
-            except UserError as e:
-                if "tokenizer has no special token" in str(e):
-                    raise  # the template does not fit the tokenizer: every pair would fail
+            except UserError as e:  # e.g. a multi-turn prompt under the single-turn alpaca template
                 raise BadRecord(f"{pair.where}: {e}") from None
             room = context_length - len(prompt_ids)
             if room < 2:
@@ -214,6 +212,8 @@ def encode_pairs(pairs: list[PreferencePair], tok, template: Template, context_l
                 raise BadRecord(f"{pair.where}: chosen and rejected are identical within the context of "
                                 f"{context_length} tokens; drop the pair or raise the context length")
             out.append(EncodedPair(prompt_ids, chosen_ids, rejected_ids))
+            if kept is not None:
+                kept.append(pair)
         except BadRecord as e:
             _handle(e, on_bad_record, skipped)
     if cut:

@@ -25,6 +25,7 @@ with the pairs (`precompute_reference`): then no reference model sits in memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -167,7 +168,6 @@ def evaluate_pairs(model: nn.Module, pairs: list[EncodedPair], pad_id: int, beta
     """Implicit-reward preference accuracy, margin and loss of `model` on pairs. The reference's
     log-probs come from `reference` if given, else from the pairs (precomputed); pairs without
     either are scored against no reference (log-ratio = the policy's log-prob itself)."""
-    import contextlib
     amp = autocast or contextlib.nullcontext()
     device = next(model.parameters()).device
     sums = {"loss": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0, "ties": 0}

@@ -18,7 +18,6 @@ import random
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.nn as nn
 
 from scratchlm.align.data import EncodedPair, encode_pairs, load_pairs, split_pairs
@@ -28,7 +27,7 @@ from scratchlm.config import Config
 from scratchlm.errors import UserError
 from scratchlm.finetune.templates import check_tokenizer, get_template
 from scratchlm.train.checkpoint import load_for_inference
-from scratchlm.train.precision import pick_device
+from scratchlm.train.precision import autocast, pick_device, pick_precision
 
 PAIRS_FILE, VAL_FILE = "pairs.json", "val_pairs.jsonl"
 
@@ -132,14 +131,18 @@ def align_dpo(cfg: Config, start: str, data: str, ref: str | None = None, resume
             pairs = [pairs[i] for i in keep]
         train_raw, val_raw = split_pairs(pairs, d.val_fraction, cfg.run.seed)
         train_pairs = encode_pairs(train_raw, tok, template, T, d.on_bad_record, skipped, log)
-        val_pairs = encode_pairs(val_raw, tok, template, T, d.on_bad_record, skipped, log) if val_raw else []
+        val_kept: list = []
+        val_pairs = encode_pairs(val_raw, tok, template, T, d.on_bad_record, skipped, log, val_kept) if val_raw else []
         if skipped:
             log(f"skipped {len(skipped)} bad pair(s), e.g. {skipped[0]}")
         log(f"{len(train_pairs)} training and {len(val_pairs)} held-out pairs from {data} (template {template.name})")
         if d.precompute_reference:
+            # Under the precision training will use: the policy's log-probs are computed under it, and
+            # at step 0 (policy = reference) the two must agree, or the margin starts off zero.
             device = pick_device(cfg.run.device)
-            precompute_reference(reference.to(device), train_pairs + val_pairs,
-                                 tok.special_tokens.get("<|pad|>", tok.eot_id), length_normalize=d.length_normalize)
+            with autocast(device, pick_precision(cfg.train.precision, device)):
+                precompute_reference(reference.to(device), train_pairs + val_pairs,
+                                     tok.special_tokens.get("<|pad|>", tok.eot_id), length_normalize=d.length_normalize)
             reference.to("cpu")
         run_dir.mkdir(parents=True, exist_ok=True)
         header = {"data": str(data), "reference": ref_path, "reference_digest": _weights_digest(reference),
@@ -148,7 +151,7 @@ def align_dpo(cfg: Config, start: str, data: str, ref: str | None = None, resume
         write_text(pairs_file, _pairs_json(train_pairs, val_pairs, header))
         write_text(run_dir / VAL_FILE, "".join(
             json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}, ensure_ascii=False) + "\n"
-            for p in val_raw))
+            for p in val_kept))
     if d.precompute_reference and all(p.ref_chosen is not None for p in train_pairs + val_pairs):
         reference = None  # the log-probs are in the pairs: no reference model in memory
     objective = DPOObjective(tok, template, train_pairs, val_pairs, beta=d.beta, label_smoothing=d.label_smoothing,
