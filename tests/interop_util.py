@@ -49,3 +49,28 @@ def make_run(root: Path, name: str, preset: str = "tiny", overrides: tuple[str, 
              "config": dataclasses.asdict(cfg), **(state_extra or {})}
     ckpt.save_checkpoint(run / "checkpoints", 1, model, None, state)
     return run
+
+
+def make_lora_run(root: Path, name: str, base: Path, targets: tuple[str, ...], template: str = "chat",
+                  rank: int = 4, alpha: float = 8.0, seed: int = 1) -> Path:
+    """A LoRA SFT run on `base` as `finetune sft --set finetune.trainable=lora` writes it (adapters
+    only, the base named and fingerprinted), with random non-zero A and B: the adapters change the logits."""
+    from scratchlm.config import LoraConfig
+    from scratchlm.finetune.lora import adapter_state, add_lora, base_fingerprint, lora_layers
+    from scratchlm.train.checkpoint import load_for_inference
+    model, tok, meta = load_for_inference(base, device="cpu")
+    fp = base_fingerprint(model)
+    add_lora(model, LoraConfig(rank=rank, alpha=alpha, targets=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for p in [*layer.lora_A.values(), *layer.lora_B.values()]:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    run = root / name
+    tok.save(run / "tokenizer")
+    task = {"kind": "sft", "template": template, "base": str(Path(meta["path"]).resolve()), "base_fingerprint": fp,
+            "lora": model.lora}
+    state = {"model": meta["state"]["model"], "tokenizer_fingerprint": tok.fingerprint,
+             "config": dataclasses.asdict(meta["config"]), "task": task}
+    ckpt.save_checkpoint(run / "checkpoints", 1, model, None, state, weights=adapter_state(model))
+    return run

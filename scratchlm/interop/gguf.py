@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from scratchlm.errors import UserError
-from scratchlm.interop.hf import NORM_EPS, hf_layout, template_for
+from scratchlm.interop.hf import NORM_EPS, hf_layout, load_for_export, template_for
 from scratchlm.interop.hf_tokenizer import chat_template_jinja, pad_token
 from scratchlm.model.config import ModelConfig
 from scratchlm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
@@ -118,15 +118,14 @@ def _add_tokenizer(writer, gguf, tok: Tokenizer, vocab_size: int, template) -> N
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, template: str | None = None) -> Path:
-    """Write FILE.gguf (fp32) that llama.cpp loads, tokenizer included."""
-    from scratchlm.train.checkpoint import load_for_inference
+    """Write FILE.gguf (fp32) that llama.cpp loads, tokenizer included (a LoRA run: adapters merged)."""
     gguf = _import_gguf()
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new --out file")
     if out.suffix != ".gguf":
         raise UserError(f"--out {out} should end in .gguf")
-    model, tok, meta = load_for_inference(ckpt, device="cpu")
+    model, tok, meta = load_for_export(ckpt)
     cfg = model.cfg
     arch = hf_layout(cfg)
     tmpl = template_for(meta["state"], template)

@@ -242,17 +242,32 @@ def template_for(state: dict, name: str | None) -> Template | None:
     if name:
         return None if name == "none" else get_template(name)
     task = state.get("task") or {}
-    return get_template(task["template"]) if task.get("kind") == "sft" and task.get("template") else None
+    return get_template(task["template"]) if task.get("kind") in ("sft", "dpo") and task.get("template") else None
+
+
+def load_for_export(ckpt: str | Path):
+    """(model, tokenizer, meta) of a run as one plain GPT, what export writes: a LoRA run's adapters
+    are merged into the base weights (merge_and_unload), so the exported model computes what the
+    LoRA model computes; a classifier, whose head scores classes instead of tokens, is refused."""
+    from scratchlm.finetune.lora import lora_layers, merge_and_unload
+    from scratchlm.train.checkpoint import load_for_inference
+    model, tok, meta = load_for_inference(ckpt, device="cpu")
+    if meta["state"]["task"].get("kind") == "classify":
+        raise UserError(f"{ckpt} is a classifier; export supports language models (pretrained, imported, SFT, "
+                        f"DPO, LoRA runs merged), so use `scratchlm classify --ckpt {ckpt}` to run it")
+    if lora_layers(model):
+        model = merge_and_unload(model)
+    return model, tok, meta
 
 
 def export_hf(ckpt: str | Path, out: str | Path, template: str | None = None) -> Path:
-    """Write a directory that `AutoModelForCausalLM/AutoTokenizer.from_pretrained` load as is."""
+    """Write a directory that `AutoModelForCausalLM/AutoTokenizer.from_pretrained` load as is
+    (a LoRA run: the adapters merged into the weights)."""
     from safetensors.torch import save_file
 
-    from scratchlm.train.checkpoint import load_for_inference
     out = Path(out)
     _check_out_dir(out)
-    model, tok, meta = load_for_inference(ckpt, device="cpu")
+    model, tok, meta = load_for_export(ckpt)
     cfg = model.cfg
     hf_layout(cfg)  # refuse before writing anything
     tmpl = template_for(meta["state"], template)

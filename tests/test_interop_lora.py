@@ -1,0 +1,86 @@
+"""Exporting fine-tuned runs: LoRA adapters are merged into the weights (HF and GGUF), a
+classifier is refused, and the run's chat template travels with the export."""
+
+import pytest
+import torch
+from interop_util import TEXTS, make_lora_run, make_run
+
+from scratchlm.cli import main
+from scratchlm.finetune.lora import lora_layers
+from scratchlm.interop.hf import export_hf
+from scratchlm.train.checkpoint import load_for_inference
+
+transformers = pytest.importorskip("transformers")
+
+ALL = ("q", "k", "v", "o", "mlp", "head")
+LORA_CASES = {  # (preset, overrides, targets)
+    "gpt2-tied-all": ("gpt2-124m", (), ALL),                       # head LoRA on a tied head: untied on merge
+    "gpt2-qv": ("gpt2-124m", (), ("q", "v")),
+    "llama-gqa-untied-all": ("llama-small", (), ALL),
+    "llama-mqa-tied-kv-mlp": ("llama-small", ("model.n_kv_heads=1", "model.tie_embeddings=true"), ("k", "v", "mlp")),
+}
+
+
+def hf_logits(path, ids):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits
+
+
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_lora_run_exports_merged(tmp_path, case):
+    preset, overrides, targets = LORA_CASES[case]
+    base = make_run(tmp_path, "base", preset, overrides)
+    run = make_lora_run(tmp_path, "lora", base, targets)
+    ours, tok, _ = load_for_inference(run, device="cpu")
+    assert lora_layers(ours), "the run is loaded with its adapters, unmerged"
+    ids = tok.encode(" ".join(TEXTS))[:64]
+    with torch.no_grad():
+        our_logits = ours(torch.tensor([ids]))[0]
+    theirs = hf_logits(export_hf(run, tmp_path / "hf"), ids)
+    assert (theirs - our_logits).abs().max().item() <= 1e-4
+    base_logits = hf_logits(export_hf(base, tmp_path / "hf_base"), ids)
+    assert (base_logits - our_logits).abs().max().item() > 0.1, "the adapters must matter for this test to mean much"
+
+
+@pytest.mark.parametrize("case", ["gpt2-tied-all", "llama-gqa-untied-all"])
+def test_lora_run_gguf_has_the_merged_weights(tmp_path, case):
+    pytest.importorskip("gguf")
+    from test_interop_gguf import read
+
+    from scratchlm.interop.gguf import export_gguf, gguf_tensors
+    from scratchlm.interop.hf import load_for_export
+    preset, overrides, targets = LORA_CASES[case]
+    base = make_run(tmp_path, "base", preset, overrides)
+    run = make_lora_run(tmp_path, "lora", base, targets)
+    _, tensors = read(export_gguf(run, tmp_path / "m.gguf"))
+    merged, _, _ = load_for_export(run)
+    assert not lora_layers(merged)
+    expected = gguf_tensors(merged.cfg, merged.state_dict())
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in tensors)
+    base_model, _, _ = load_for_inference(base, device="cpu")
+    unmerged = gguf_tensors(base_model.cfg, base_model.state_dict())
+    changed = [k for k in unmerged if not torch.equal(unmerged[k], tensors[k])]
+    assert "blk.0.ffn_down.weight" in changed and "output.weight" in changed  # mlp and head adapters folded in
+    assert "token_embd.weight" not in changed  # merging the head's adapter left the (tied) embeddings alone
+
+
+def test_classifier_export_is_refused_in_one_line(tmp_path, capsys):
+    import dataclasses
+
+    from scratchlm.finetune.base import attach_classifier_head
+    from scratchlm.train import checkpoint as ckpt
+    base, tok, meta = load_for_inference(make_run(tmp_path, "base"), device="cpu")
+    model = attach_classifier_head(base, 2)  # a full fine-tune's classifier checkpoint, as finetune classify saves it
+    run = tmp_path / "run"
+    tok.save(run / "tokenizer")
+    cfg = dataclasses.replace(meta["config"], model=model.cfg)
+    ckpt.save_checkpoint(run / "checkpoints", 1, model, None, {
+        "tokenizer_fingerprint": tok.fingerprint, "config": dataclasses.asdict(cfg),
+        "task": {"kind": "classify", "labels": ["ham", "spam"], "max_length": 64}})
+    assert load_for_inference(run, device="cpu")[0].lm_head.out_features == 2
+    for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
+        assert main(["export", fmt, "--ckpt", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is a classifier" in err and "export supports language models" in err and len(err.splitlines()) == 1
+        assert not out.exists()
