@@ -15,7 +15,7 @@ import torch
 
 from scratchlm.generate import SamplingConfig, generate_ids
 from scratchlm.model import GPT, ModelConfig
-from scratchlm.serve.batching import Engine, QueueFull, Request
+from scratchlm.serve.batching import Engine, Request
 from scratchlm.serve.text import ChatFormat, TextStream
 from scratchlm.tokenizer.bpe import Tokenizer
 from serve_helpers import running_server, trained_model  # tests/ is on sys.path (pytest rootdir)

@@ -142,7 +142,8 @@ def create_app(engine: Engine, chat_format: ChatFormat, model_name: str, api_key
                 if max(ids) >= tok.vocab_size or min(ids) < 0:
                     raise protocol.bad("prompt", f"token ids must be between 0 and {tok.vocab_size - 1}")
         return [Request(prompt=ids, max_tokens=p.max_tokens or context, temperature=p.temperature, top_p=p.top_p,
-                        seed=None if p.seed is None else p.seed + j, stop_strings=stop, stop_tokens=stop_tokens)
+                        seed=None if p.seed is None else (p.seed + j) % 2**63, stop_strings=stop,
+                        stop_tokens=stop_tokens)
                 for ids in prompts for j in range(p.n)]
 
     async def generate(request: HttpRequest, chat: bool):
