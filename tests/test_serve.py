@@ -267,6 +267,9 @@ def test_n_and_seed(server, client):
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # the seed makes sampling repeatable
     assert len({c.text for c in a.choices}) > 1                          # and each choice has its own stream
     assert a.usage.prompt_tokens == 1 and a.usage.completion_tokens == 36
+    r = client.chat.completions.create(model="tiny", max_completion_tokens=7, temperature=0, messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Once"}]}])
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
 
 
 # --- queue limits, disconnects, keys ---------------------------------------------------------------------
