@@ -46,6 +46,21 @@ def create_app(engine: Engine, chat_format: ChatFormat, model_name: str, api_key
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    class EventStream(StreamingResponse):
+        """Server-Sent Events that cancel their requests however the response ends — even when the client
+        is gone before the first event, when the event generator never starts and its `finally` never runs."""
+
+        def __init__(self, events, on_close):
+            super().__init__(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.on_close = on_close
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.on_close()
+
     limits = limits or Limits()
     tok = engine.tokenizer
     context = engine.context
@@ -163,8 +178,7 @@ def create_app(engine: Engine, chat_format: ChatFormat, model_name: str, api_key
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
         rid = protocol.new_id(chat)
         if p.stream:
-            return StreamingResponse(stream(rid, chat, p, reqs, events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(stream(rid, chat, p, reqs, events), lambda: [engine.cancel(r) for r in reqs])
         texts, reasons = [""] * len(reqs), [None] * len(reqs)
         use = protocol.usage(0, 0)
         counted: set[int] = set()
