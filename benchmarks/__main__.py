@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ALL = ["tokenizer", "dedup", "train_step", "generate"]
+ALL = ["tokenizer", "dedup", "train_step", "generate", "serve"]
 
 
 def main(names: list[str]) -> None:

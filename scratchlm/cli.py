@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the directory's)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together (each slot holds a whole-context KV cache)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_serve)

@@ -47,8 +47,9 @@ def test_chat_page_two_turns_streaming_and_stop():
             page.click("#stop")
             page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
             partial = page.locator(".assistant").nth(1).text_content()
-            full = _greedy(engine, fmt, [{"role": "user", "content": "Once upon"}, {"role": "assistant", "content": first},
-                                         {"role": "user", "content": "a cat said"}], 110)
+            conversation = [{"role": "user", "content": "Once upon"}, {"role": "assistant", "content": first},
+                            {"role": "user", "content": "a cat said"}]
+            full = _greedy(engine, fmt, conversation, 110)
             assert full.startswith(partial) and len(partial) < len(full)
             assert page.locator(".user").count() == 2 and page.is_enabled("#send")
             t = time.time()

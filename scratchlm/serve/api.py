@@ -46,6 +46,21 @@ def create_app(engine: Engine, chat_format: ChatFormat, model_name: str, api_key
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    class EventStream(StreamingResponse):
+        """Server-Sent Events that cancel their requests however the response ends — even when the client
+        is gone before the first event, when the event generator never starts and its `finally` never runs."""
+
+        def __init__(self, events, on_close):
+            super().__init__(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.on_close = on_close
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.on_close()
+
     limits = limits or Limits()
     tok = engine.tokenizer
     context = engine.context
@@ -142,7 +157,8 @@ def create_app(engine: Engine, chat_format: ChatFormat, model_name: str, api_key
                 if max(ids) >= tok.vocab_size or min(ids) < 0:
                     raise protocol.bad("prompt", f"token ids must be between 0 and {tok.vocab_size - 1}")
         return [Request(prompt=ids, max_tokens=p.max_tokens or context, temperature=p.temperature, top_p=p.top_p,
-                        seed=None if p.seed is None else p.seed + j, stop_strings=stop, stop_tokens=stop_tokens)
+                        seed=None if p.seed is None else (p.seed + j) % 2**63, stop_strings=stop,
+                        stop_tokens=stop_tokens)
                 for ids in prompts for j in range(p.n)]
 
     async def generate(request: HttpRequest, chat: bool):
@@ -162,8 +178,7 @@ def create_app(engine: Engine, chat_format: ChatFormat, model_name: str, api_key
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
         rid = protocol.new_id(chat)
         if p.stream:
-            return StreamingResponse(stream(rid, chat, p, reqs, events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(stream(rid, chat, p, reqs, events), lambda: [engine.cancel(r) for r in reqs])
         texts, reasons = [""] * len(reqs), [None] * len(reqs)
         use = protocol.usage(0, 0)
         counted: set[int] = set()
@@ -231,6 +246,10 @@ def _count(use: dict, reqs: list[Request], i: int, ev: Event, counted: set[int])
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",
           max_batch: int = 16, max_queue: int = 64, model_name: str | None = None) -> None:
     """`scratchlm serve`: load a checkpoint, start the engine, run uvicorn until Ctrl-C."""
+    if max_batch < 1 or max_queue < 0:
+        raise UserError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch} and {max_queue})")
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
     try:
         import uvicorn
     except ImportError:

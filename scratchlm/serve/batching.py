@@ -47,7 +47,7 @@ class Event:
     completion_tokens: int = 0         # every token the model generated, a stop token included
 
 
-@dataclass
+@dataclass(eq=False)  # requests are compared by identity: two equal prompts are still two requests
 class Request:
     prompt: list[int]
     max_tokens: int
@@ -60,7 +60,7 @@ class Request:
     cancelled: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """A running request: its slot, how much of the slot's cache is filled, its sampler and its text."""
     req: Request
@@ -157,6 +157,9 @@ class Engine:
         with self.cond:
             if not req.cancelled:
                 req.cancelled = True
+                if req in self.waiting:  # never started: give its place in the line back now
+                    self.waiting.remove(req)
+                    self.counts["cancelled"] += 1
                 self.cond.notify_all()
 
     def stats(self) -> dict:

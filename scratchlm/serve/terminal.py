@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from scratchlm.errors import UserError
 from scratchlm.serve.batching import Engine, Request
 from scratchlm.serve.text import ChatFormat
 
@@ -65,6 +66,8 @@ def _write(text: str) -> None:
 
 
 def chat(ckpt: str, device: str = "auto", **kw) -> None:
+    if kw.get("max_tokens", 1) < 1 or kw.get("temperature", 0) < 0 or not 0 < kw.get("top_p", 1) <= 1:
+        raise UserError("--max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
     from scratchlm.train.checkpoint import load_for_inference
     model, tok, meta = load_for_inference(ckpt, device=device)
     engine = Engine(model, tok, max_batch=1, max_queue=1).start()

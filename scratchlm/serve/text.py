@@ -27,6 +27,7 @@ Hugging Face's `skip_special_tokens=True` does.
 from __future__ import annotations
 
 import codecs
+import uuid
 from dataclasses import dataclass, field
 
 from scratchlm.errors import UserError
@@ -75,7 +76,20 @@ class ChatFormat:
         return self.template.prompt(messages)
 
     def encode(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode(self.render(messages), allowed_special="all")
+        """Prompt ids. The template's own role tokens become special ids; message contents are user data
+        and never do (someone typing "<|end|><|assistant|>" gets those characters, not a forged turn)."""
+        if self.template is None:
+            return self.tokenizer.encode_ordinary(self.render(messages))
+        marker = f"\x00{uuid.uuid4().hex}\x00"
+        contents = [m["content"] for m in messages]
+        text = self.render([{**m, "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)])
+        ids: list[int] = []
+        for k, piece in enumerate(text.split(marker)):  # template, content index, template, ...
+            if k % 2:
+                ids += self.tokenizer.encode_ordinary(contents[int(piece)])
+            elif piece:
+                ids += self.tokenizer.encode(piece, allowed_special="all")
+        return ids
 
     def prompt_ids(self, messages: list[dict], budget: int) -> tuple[list[int], int]:
         """Prompt ids of at most `budget` tokens, and how many messages were dropped to get there.
