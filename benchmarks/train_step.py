@@ -7,8 +7,8 @@ import time
 import torch
 
 from benchmarks.common import md_table
+from benchmarks.limits import measure
 from scratchlm.model import GPT, ModelConfig
-from scratchlm.train.hardware import measure_matmul_flops
 
 SHAPES = {
     "tiny": dict(vocab=10000, layers=4, heads=4, width=256, ff=1024, ctx=256, batch=32),
@@ -57,8 +57,8 @@ def make_step(model, s: dict, bf16: bool, compile_: bool, is_hf: bool):
 
 def run() -> str:
     torch.set_num_threads(torch.get_num_threads())
-    peak = measure_matmul_flops(torch.device("cpu"), "bf16")
-    peak32 = measure_matmul_flops(torch.device("cpu"), "fp32")
+    lim = measure()
+    peak, peak32 = lim.bf16_flops, lim.fp32_flops
     rows = []
     for name, s in SHAPES.items():
         flops = ours(s).flops_per_token()
@@ -84,7 +84,7 @@ def run() -> str:
             rows.append([name, label, f"{tps:,.0f}", f"{tps * flops / p * 100:.1f}%", f"{warm_s:.1f}",
                          f"{tps / hf_best:.2f}x"])
     return ("### Training step: tokens/s (forward + backward + AdamW), same shape as HF GPT2LMHeadModel (sdpa)\n\n"
-            f"Measured matmul peak here: bf16 {peak / 1e9:,.0f} GFLOP/s, fp32 {peak32 / 1e9:,.0f} GFLOP/s "
+            f"Limit: matmul peak measured in this run (see limits): bf16 {peak / 1e9:,.0f} GFLOP/s, fp32 {peak32 / 1e9:,.0f} GFLOP/s "
             "(MFU is against the peak of the precision used). Both sides also under `torch.compile`; best of 3 alternating rounds. "
             "Goal: >= 2x HF's best.\n\n"
             + md_table(["shape", "implementation", "tokens/s", "MFU", "warm-up s", "vs HF best"], rows))
