@@ -64,8 +64,7 @@ def run() -> str:
         flops = ours(s).flops_per_token()
         steps, warm = {}, {}
         for label, builder, bf16, comp, is_hf in [
-            ("HF fp32", hf, False, False, True), ("HF bf16", hf, True, False, True),
-            ("HF bf16 + compile", hf, True, True, True), ("ours fp32", ours, False, False, False),
+            ("HF bf16", hf, True, False, True), ("HF bf16 + compile", hf, True, True, True),
             ("ours bf16", ours, True, False, False), ("ours bf16 + compile", ours, True, True, False)]:
             steps[label], warm[label] = make_step(builder(s), s, bf16, comp, is_hf)
         # Alternate the implementations and keep each one's best round: on a shared machine a
@@ -86,6 +85,7 @@ def run() -> str:
     return ("### Training step: tokens/s (forward + backward + AdamW), same shape as HF GPT2LMHeadModel (sdpa)\n\n"
             f"Limit: matmul peak measured in this run (see limits): bf16 {peak / 1e9:,.0f} GFLOP/s, fp32 {peak32 / 1e9:,.0f} GFLOP/s "
             "(MFU is against the peak of the precision used). Both sides also under `torch.compile`; best of 3 alternating rounds. "
+            "fp32 rows dropped to keep the run short on the shared machine (bf16 is what training here uses). "
             "Goal: >= 2x HF's best.\n\n"
             + md_table(["shape", "implementation", "tokens/s", "MFU", "warm-up s", "vs HF best"], rows))
 
