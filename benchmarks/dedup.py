@@ -81,10 +81,10 @@ def score(keep: list[bool], pairs: list[tuple[int, int]], sh: list[set]) -> tupl
 def run() -> str:
     docs, pairs = make_corpus()
     sh = [shingles(d) for d in docs]
-    bands, rows = optimal_bands(NUM_PERM, THRESHOLD)
+    bands, band_rows = optimal_bands(NUM_PERM, THRESHOLD)
     ours_s, ours_cpu, res = timed_cpu(lambda: deduplicate(docs, threshold=THRESHOLD, num_perm=NUM_PERM, exact=True))
     ours = res.keep
-    theirs_s, theirs_cpu, theirs = timed_cpu(lambda: datasketch_dedup(docs, bands, rows))
+    theirs_s, theirs_cpu, theirs = timed_cpu(lambda: datasketch_dedup(docs, bands, band_rows))
     r_o, p_o = score(ours, pairs, sh)
     r_t, p_t = score(theirs, pairs, sh)
     rows = [["documents/s", f"{len(docs) / ours_s:,.0f}", f"{len(docs) / theirs_s:,.0f}",
@@ -94,7 +94,7 @@ def run() -> str:
             [f"CPU busy (of {cores()} cores)", f"{ours_cpu / ours_s / cores() * 100:.0f}%",
              f"{theirs_cpu / theirs_s / cores() * 100:.0f}%", "", ""]]
     out = (f"### Near-duplicate detection ({len(docs):,} docs of ~1 KB, {len(pairs):,} injected near-duplicates, "
-           f"{NUM_PERM} permutations, threshold {THRESHOLD}, {bands} bands x {rows} rows on both sides)\n\n"
+           f"{NUM_PERM} permutations, threshold {THRESHOLD}, {bands} bands x {band_rows} rows on both sides)\n\n"
            "datasketch builds its signatures with `MinHash.bulk` (its fastest documented path) and its LSH with "
            "our band/row split (`params=`), not its default. The limit here is the cores: 'CPU busy' = CPU s / "
            "wall s / cores.\n\n"

@@ -180,3 +180,15 @@ def test_loader_resumes_at_exactly_the_next_batch_and_shards_by_rank():
     r0 = RandomWindowLoader(tokens, 8, 16, seed=3, rank=0, world_size=2).next_batch()[0]
     r1 = RandomWindowLoader(tokens, 8, 16, seed=3, rank=1, world_size=2).next_batch()[0]
     assert (full == np.concatenate([r0, r1])).all()
+
+
+def test_minhash_signatures_do_not_depend_on_chunking_or_threads(shared):
+    """The cache-sized chunks and per-thread document ranges are a speed-up only: every chunk size
+    and thread count gives bit-identical signatures (minima are exact)."""
+    from scratchlm.data.dedup import MinHasher
+    text = (shared / "tinyshakespeare.txt").read_text()[:200_000]
+    docs = [text[i:i + 700] for i in range(0, len(text), 700)] + ["", "one two", "a b c d e f"]
+    h = MinHasher(num_perm=64)
+    ref = h.signatures(docs, chunk_rows=1 << 20, threads=1)
+    for chunk_rows, threads in [(1024, 2), (7, 3), (64, 1), (1 << 16, 2)]:
+        assert np.array_equal(h.signatures(docs, chunk_rows=chunk_rows, threads=threads), ref)
