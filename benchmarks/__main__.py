@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ALL = ["tokenizer", "dedup", "train_step", "generate", "serve"]
+ALL = ["limits", "tokenizer", "dedup", "train_step", "generate", "serve"]
 
 
 def main(names: list[str]) -> None:
@@ -34,6 +34,8 @@ def main(names: list[str]) -> None:
         sections[name] = table + f"\n\n(run on {time.strftime('%Y-%m-%d')}, {time.time() - t:.0f} s)"
     head = (f"# Benchmark results\n\nMachine: {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}. Regenerate with `make bench`.\n")
+    head += ("\nThe machine (2 cores) was shared with other jobs while these ran: every comparison alternates "
+             "the sides within a run and keeps each side's best round, so ratios are steadier than absolutes.\n")
     body = "".join(f"\n<!-- bench: {n} -->\n{sections[n]}\n" for n in ALL if n in sections)
     results_path.write_text(head + body)
     print(f"wrote {results_path}")

@@ -38,3 +38,20 @@ def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def timed_cpu(fn) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process and its finished children, fn's result): CPU / wall
+    over the number of cores is the share of the machine a step kept busy."""
+    import resource
+
+    def cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    c0, t0 = cpu(), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, cpu() - c0, out
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

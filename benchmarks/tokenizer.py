@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
 
-from benchmarks.common import best_of, gutenberg_texts, md_table
+from benchmarks.common import best_of, cores, gutenberg_texts, md_table, timed_cpu
 from scratchlm.tokenizer import DEFAULT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer
 
 
@@ -17,9 +16,7 @@ def run() -> str:
     mb = sum(len(t.encode()) for t in texts) / 1e6
     vocab = 8192
 
-    t = time.perf_counter()
-    ours = Tokenizer.train(texts, vocab, pattern=GPT4_PATTERN, num_workers=2)
-    ours_train = time.perf_counter() - t
+    ours_train, ours_cpu, ours = timed_cpu(lambda: Tokenizer.train(texts, vocab, pattern=GPT4_PATTERN, num_workers=2))
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -27,27 +24,36 @@ def run() -> str:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False, special_tokens=list(DEFAULT_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t = time.perf_counter()
-    hf.train_from_iterator(texts, trainer)
-    hf_train = time.perf_counter() - t
+    hf_train, hf_cpu, _ = timed_cpu(lambda: hf.train_from_iterator(texts, trainer))
 
     # Encoding: documents cut into ~4 KB pieces (a typical data-pipeline batch), both batched.
     docs = [t[i:i + 4096] for t in texts for i in range(0, len(t), 4096)]
     ours.encode_batch(docs[:100])
-    ours_enc = best_of(lambda: ours.encode_batch(docs), 2)
-    hf_enc = best_of(lambda: hf.encode_batch(docs, add_special_tokens=False), 2)
+    # HF at its fastest documented batch path: encode_batch_fast returns the ids without building
+    # full Encoding objects (offsets, words); the ids are the same as encode_batch's.
+    hf_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
+    hf_path = "encode_batch_fast" if hasattr(hf, "encode_batch_fast") else "encode_batch (no encode_batch_fast here)"
+    ours_enc, hf_enc = float("inf"), float("inf")
+    for _ in range(2):  # alternating rounds, best of each
+        ours_enc = min(ours_enc, best_of(lambda: ours.encode_batch(docs), 1))
+        hf_enc = min(hf_enc, best_of(lambda: hf_batch(docs, add_special_tokens=False), 1))
     ours_tokens = sum(len(x) for x in ours.encode_batch(docs))
-    hf_tokens = sum(len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False))
+    hf_tokens = sum(len(e.ids) for e in hf_batch(docs, add_special_tokens=False))
+    n = cores()
 
     rows = [
-        ["train to vocab 8192 (s)", f"{ours_train:.2f}", f"{hf_train:.2f}", f"{ours_train / hf_train:.2f}x time",
+        ["train to vocab 8192 (s, wall)", f"{ours_train:.2f}", f"{hf_train:.2f}", f"{ours_train / hf_train:.2f}x time",
          "<= 1.0x"],
+        [f"train: CPU busy (of {n} cores)", f"{ours_cpu / ours_train / n * 100:.0f}%",
+         f"{hf_cpu / hf_train / n * 100:.0f}%", "", "both cores"],
         ["encode throughput (MB/s)", f"{mb / ours_enc:.1f}", f"{mb / hf_enc:.1f}", f"{hf_enc / ours_enc:.2f}x speed",
          ">= 2.5x"],
         ["bytes per token", f"{mb * 1e6 / ours_tokens:.4f}", f"{mb * 1e6 / hf_tokens:.4f}",
          f"{(mb * 1e6 / ours_tokens) / (mb * 1e6 / hf_tokens):.4f}", "within 1%"],
     ]
     return (f"### Tokenizer ({mb:.1f} MB of Gutenberg text, GPT-4 regex, 2 processes for our counting)\n\n"
+            f"HF encodes with `{hf_path}` ({n} threads, its fastest batch path); ours with tiktoken's threads. "
+            "The limit here is the cores: 'CPU busy' = CPU seconds / wall seconds / cores.\n\n"
             + md_table(["", "scratchlm", "HF tokenizers", "ratio", "goal"], rows))
 
 

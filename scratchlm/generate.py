@@ -106,18 +106,25 @@ def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
     done = [False] * len(prompts)
     cache = None
     valid = positions = None
+    padded = False
     for _ in range(cfg.max_new_tokens):
         if cfg.use_cache and cache is not None and cache.pos < ctx:
-            step_ids = torch.tensor([[s[-1]] for s in seqs], device=device)
+            # One new token per row. Nothing is built per token that can be kept: the ids are the
+            # sampled tensor itself, the key mask a view of a buffer filled once per (re)fill, and
+            # an unpadded batch needs no mask at all (a single query sees every cached key).
             positions = positions[:, -1:] + 1
-            valid = torch.cat([valid, torch.ones(len(seqs), 1, dtype=torch.bool, device=device)], dim=1)
-            logits, _ = model(step_ids, positions=positions, mask=valid[:, None, None, :], cache=cache)
+            mask = valid_buf[:, None, None, :cache.pos + 1] if padded else None
+            logits, _ = model(nxt_ids.view(-1, 1), positions=positions, mask=mask, cache=cache)
         else:  # first step, no cache, or the window is full: (re)process the recent context
             seqs = [s[-keep:] if len(s) > ctx else s for s in seqs]
             ids, positions, valid = _batch_inputs(seqs, device)
             cache = model.new_cache(len(seqs)) if cfg.use_cache else None
+            padded = not bool(valid.all())
+            valid_buf = torch.ones(len(seqs), ctx, dtype=torch.bool, device=device)
+            valid_buf[:, :valid.size(1)] = valid
             logits, _ = model(ids, positions=positions, mask=_prefill_mask(valid), cache=cache)
-        nxt = sample_next(logits[:, -1, :], cfg, gen, vocab_size).tolist()
+        nxt_ids = sample_next(logits[:, -1, :], cfg, gen, vocab_size)
+        nxt = nxt_ids.tolist()
         for i, t in enumerate(nxt):
             seqs[i].append(t)
             if done[i]:

@@ -344,3 +344,15 @@ def test_prepare_decontaminates_while_streaming(tmp_path, shared):
     rep = read_index(tmp_path / "o")["stats"]["decontamination"]
     assert rep["docs_flagged"] == 1 and rep["per_eval_set"][str(arc)]["items"] == 570
     assert s["train_docs"] + s["val_docs"] == 29
+
+
+def test_minhash_signatures_do_not_depend_on_chunking_or_threads(shared):
+    """The cache-sized chunks and per-thread document ranges are a speed-up only: every chunk size
+    and thread count gives bit-identical signatures (minima are exact)."""
+    from scratchlm.data.dedup import MinHasher
+    text = (shared / "tinyshakespeare.txt").read_text()[:200_000]
+    docs = [text[i:i + 700] for i in range(0, len(text), 700)] + ["", "one two", "a b c d e f"]
+    h = MinHasher(num_perm=64)
+    ref = h.signatures(docs, chunk_rows=1 << 20, threads=1)
+    for chunk_rows, threads in [(1024, 2), (7, 3), (64, 1), (1 << 16, 2)]:
+        assert np.array_equal(h.signatures(docs, chunk_rows=chunk_rows, threads=threads), ref)

@@ -101,6 +101,8 @@ class CausalSelfAttention(nn.Module):
             y = explicit_attention(q, k, v, mask, dropout)
         elif mask is None and k.size(2) == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif mask is None and T == 1:  # one query, the newest position: it may see every key
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
             if mask is None:  # queries are the last T positions of the keys
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)

@@ -122,7 +122,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, loss_mask: torch.Tensor | None = None):
-        """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets.
+        """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets, and logits
+        are None with them (the loss is computed chunk by chunk; call without targets for logits).
 
         positions: (B, T) position ids (default 0..T-1, offset by the cache); mask: (B, 1, T, Tk)
         boolean attention mask for padded batches; loss_mask: (B, T), 1 where the loss counts."""
@@ -149,6 +150,9 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]) if cache is not None else self.lm_head(x), None
+        if type(self.lm_head) is nn.Linear and type(self.lm_head.weight) is nn.Parameter:  # not sharded/wrapped
+            # Training: never build the (tokens x vocab) logits at all, see head_cross_entropy.
+            return None, head_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
         logits = self.lm_head(x)
         loss = lm_loss(logits, targets, loss_mask)
         return logits, loss
@@ -186,3 +190,61 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
         return flat.mean()
     m = loss_mask.reshape(-1).float()
     return (flat * m).sum() / m.sum().clamp(min=1)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Output head + cross-entropy in row chunks, gradients computed on the way forward.
+
+    The plain path materialises the logits (N x V), an fp32 copy, its log-softmax and, in the
+    backward pass, a gradient of the same size: for 4,096 tokens and a 50k vocabulary that is
+    ~0.8 GB per tensor, streamed through memory several times. Here a chunk of rows at a time
+    computes its logits, their log-sum-exp (fp32), its loss and d loss / d logits = w (softmax - onehot),
+    and immediately turns that into the chunk's input gradient and its share of the weight
+    gradient. Since the loss is the last op, the gradients can be made before backward asks;
+    backward only scales them by the incoming gradient (1 for loss.backward()).
+    Same matmuls as the plain path (logits, dx, dW); only the memory traffic shrinks."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, row_weights, chunk):
+        N = x.size(0)
+        dx = torch.empty_like(x)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, N, chunk):
+            xs, t, w = x[s:s + chunk], targets[s:s + chunk], row_weights[s:s + chunk]
+            logits = (xs @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * w).sum()
+            g = torch.exp(logits.sub_(lse[:, None]))                      # softmax, in place
+            g[torch.arange(g.size(0), device=g.device), t] -= 1.0
+            g = (g * w[:, None]).to(x.dtype)
+            dx[s:s + chunk] = g @ weight
+            dw += (g.t() @ xs).float()
+        ctx.save_for_backward(dx, dw.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return dx * grad.to(dx.dtype), dw * grad.to(dw.dtype), None, None, None
+
+
+def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       loss_mask: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """lm_loss(x @ weightᵀ, targets, loss_mask) without materialising the logits (see above).
+    Under autocast the matmuls run in its dtype (weight cast once, not per chunk), as the plain path's do."""
+    x = x.reshape(-1, x.size(-1))
+    targets = targets.reshape(-1)
+    if loss_mask is None:
+        rows = torch.full((x.size(0),), 1.0 / max(x.size(0), 1), device=x.device)
+    else:
+        m = loss_mask.reshape(-1).float()
+        rows = m / m.sum().clamp(min=1)
+    ignored = targets < 0  # cross_entropy's ignore_index (-100): no loss, still counted in the mean
+    rows = rows.masked_fill(ignored, 0.0)
+    targets = targets.masked_fill(ignored, 0)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return _HeadCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, rows, chunk)
+    return _HeadCrossEntropy.apply(x, weight.to(x.dtype), targets, rows, chunk)
