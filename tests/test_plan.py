@@ -124,11 +124,12 @@ def test_fsdp_and_checkpointing_fit_what_ddp_cannot():
 
 
 def test_batch_divisibility_warning():
-    cfg = load_config("gpt2-124m")  # batch 480, grad_accum 8
+    cfg = load_config("gpt2-124m", ["train.batch_size=480", "train.grad_accum=8"])
     bad = make_plan(cfg, devices=8, cpu_peak=CPU_PEAK)
     (w,) = [w for w in bad.warnings if "does not divide" in w]
     assert "= 64" in w and "448 or 512" in w and "train.grad_accum in {1, 2, 3, 4, 5, 6}" in w
-    good = make_plan(load_config("gpt2-124m", ["train.grad_accum=5"]), devices=8, cpu_peak=CPU_PEAK)
+    good = make_plan(load_config("gpt2-124m", ["train.batch_size=480", "train.grad_accum=5"]), devices=8,
+                     cpu_peak=CPU_PEAK)
     assert not any("does not divide" in w for w in good.warnings) and good.micro_batch == 12
 
 
@@ -164,7 +165,8 @@ NANOCHAT_D20 = ["model.vocab_size=65536", "model.context_length=2048", "model.d_
                 "model.norm=rmsnorm", "model.bias=false", "model.tie_embeddings=false",
                 "train.batch_size=256", "train.grad_accum=1"]
 PUBLISHED = [
-    ("nanoGPT 124M", ["train.grad_accum=5"], 600_000 * 491_520, "a100-40gb", 0.30, 4 * 86400),
+    ("nanoGPT 124M", ["train.batch_size=480", "train.grad_accum=5"], 600_000 * 491_520, "a100-40gb", 0.30,
+     4 * 86400),
     ("llm.c 124M", ["train.batch_size=512", "train.grad_accum=1"], 18_865 * 524_288, "a100-80gb", 0.56, 90 * 60),
     ("nanochat d20", NANOCHAT_D20, 21_400 * 524_288, "h100", 0.475, 3 * 3600),
 ]
@@ -192,7 +194,7 @@ def cli(*args):
 
 def test_plan_cli():
     r = cli("--config", "gpt2-124m", "--devices", "8", "--tokens", "10e9", "--mfu", "0.5",
-            "--price", "h100=2.5", "--parallel", "fsdp")
+            "--price", "h100=2.5", "--parallel", "fsdp", "--set", "train.batch_size=480")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "124.48M total" in out and "FLOPs/token 855.38M" in out and "8 x H100 SXM" in out
