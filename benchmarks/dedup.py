@@ -96,7 +96,8 @@ def run() -> str:
            f"{NUM_PERM} permutations, threshold {THRESHOLD})\n\n"
            + md_table(["", "scratchlm", "datasketch", "ratio", "goal"], rows))
 
-    from scratchlm.data.prepare import PrepareOptions, prepare
+    from scratchlm.config import DataConfig, TokenizerConfig
+    from scratchlm.data.prepare import prepare
     texts = gutenberg_texts(20.0)
     with tempfile.TemporaryDirectory() as d:
         corpus = Path(d) / "corpus"
@@ -105,7 +106,8 @@ def run() -> str:
             (corpus / f"{i:03d}.txt").write_text(t)
         mb = sum(len(t.encode()) for t in texts) / 1e6
         t = time.perf_counter()
-        summary = prepare(PrepareOptions(corpus=str(corpus), out=f"{d}/out", vocab_size=8192), log=lambda *_: None)
+        summary = prepare(DataConfig(corpus=str(corpus)), TokenizerConfig(vocab_size=8192), f"{d}/out",
+                          log=lambda *_: None)
         secs = time.perf_counter() - t
     out += ("\n\n### `prepare` end to end (read, clean, dedup, train an 8192 tokenizer, encode, shard)\n\n"
             + md_table(["corpus", "seconds", "MB/s", "encode stage MB/s"],

@@ -61,26 +61,43 @@ def cmd_tokenizer(a) -> None:
             raise UserError("decode expects a JSON list of token ids") from None
         sys.stdout.write(tok.decode(ids))
     elif a.action == "stats":
+        from scratchlm.tokenizer import compression_stats
         tok = Tokenizer.load(a.tokenizer)
         text = _read_input(a.input)
         if not text:
             raise UserError(f"{a.input} is empty")
-        n = len(tok.encode_ordinary(text))
-        nb, nc = len(text.encode("utf-8")), len(text)
-        print(f"characters           {nc:,}\nbytes                {nb:,}\nBPE tokens           {n:,}\n"
-              f"bytes/token          {nb / n:.3f}\nchars/token          {nc / n:.3f}\n"
-              f"char-level tokens    {nc:,} (vocab {len(set(text))})\n"
-              f"sequence length ratio char-level / BPE: {nc / n:.2f}x")
+        c = compression_stats(tok, text)
+        print(f"characters           {c['characters']:,}\nbytes                {c['bytes']:,}\n"
+              f"BPE tokens           {c['bpe_tokens']:,}\nbytes/token          {c['bytes_per_token']:.3f}\n"
+              f"chars/token          {c['chars_per_token']:.3f}\n"
+              f"char-level tokens    {c['char_level_tokens']:,} (vocab {c['char_vocab']})\n"
+              f"sequence length ratio char-level / BPE: {c['ratio']:.2f}x")
+
+
+# `scratchlm prepare` shortcuts: flag -> (config section, key). Given flags override --config/--set.
+PREPARE_FLAGS = {"input": ("data", "corpus"), "out": ("data", "dataset_dir"), "text_field": ("data", "text_field"),
+                 "on_bad_record": ("data", "on_bad_record"), "val_fraction": ("data", "val_fraction"),
+                 "threshold": ("data", "near_dedup_threshold"), "min_chars": ("data", "min_chars"),
+                 "max_docs": ("data", "max_docs"), "decontaminate": ("data", "decontaminate"),
+                 "tokenizer": ("tokenizer", "path"), "vocab_size": ("tokenizer", "vocab_size"),
+                 "pattern": ("tokenizer", "pattern")}
 
 
 def cmd_prepare(a) -> None:
-    from scratchlm.data.prepare import PrepareOptions, prepare
-    opts = PrepareOptions(corpus=a.input, out=a.out, text_field=a.text_field, on_bad_record=a.on_bad_record,
-                          tokenizer=a.tokenizer or "", vocab_size=a.vocab_size, pattern=a.pattern,
-                          val_fraction=a.val_fraction, dedup=not a.no_dedup, near_threshold=a.threshold,
-                          min_chars=a.min_chars, max_docs=a.max_docs, decontaminate=a.decontaminate,
-                          drop_contaminated=a.drop_contaminated, overwrite=a.overwrite)
-    print(json.dumps(prepare(opts), indent=1))
+    from scratchlm.config import apply_dict, load_config
+    from scratchlm.data.prepare import prepare
+    cfg = load_config(a.config, a.overrides)
+    for flag, (section, key) in PREPARE_FLAGS.items():
+        if getattr(a, flag) is not None:
+            apply_dict(cfg, {section: {key: getattr(a, flag)}})
+    if a.no_dedup:
+        cfg.data.dedup = False
+    if a.drop_contaminated:
+        cfg.data.drop_contaminated = True
+    if not cfg.data.dataset_dir:
+        raise UserError("no output directory: give --out DIR (or set data.dataset_dir)")
+    print(json.dumps(prepare(cfg.data, cfg.tokenizer, cfg.data.dataset_dir, seed=cfg.run.seed,
+                             overwrite=a.overwrite), indent=1))
 
 
 def cmd_dedup(a) -> None:
@@ -126,19 +143,74 @@ def cmd_pretrain(a) -> None:
           f"run in {r.run_dir}")
 
 
+def cmd_eval_preference(a) -> None:
+    from scratchlm.align.pipeline import eval_preference
+    from scratchlm.atomic import save_json
+    out = eval_preference(a.ckpt, a.data, ref=a.ref, beta=a.beta, template=a.template or "",
+                          on_bad_record=a.on_bad_record, device=a.device)
+    lo, hi = out["accuracy_ci95"]
+    against = f"reference {out['reference']}" if out["reference"] else "no reference"
+    print(f"preference: accuracy {out['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}), mean margin {out['margin']:.4f}, "
+          f"loss {out['loss']:.4f}, ties {out['ties']}, n={out['n']} (beta {out['beta']}, {against}"
+          + (f", {out['skipped']} skipped" if out["skipped"] else "") + ")")
+    save_json(Path(out["ckpt"]).parent.parent / "eval_preference.json", out)
+
+
+def cmd_finetune(a) -> None:
+    from scratchlm.config import load_config
+    from scratchlm.finetune.run import finetune_classify, finetune_sft
+    cfg = load_config(a.config, a.overrides)
+    out = Path(a.out)
+    cfg.run.out_dir, cfg.run.name = str(out.parent), out.name
+    run = finetune_classify if a.task == "classify" else finetune_sft
+    r, report = run(cfg, a.ckpt, a.data, resume=a.resume)
+    if not r.is_main:
+        return
+    from scratchlm.report import plot_loss
+    plot_loss(r.run_dir / "metrics.jsonl", r.run_dir / "loss.png")
+    if a.task == "classify":
+        result = f"test accuracy {report['test']['accuracy']:.4f} (n={report['test']['n']})"
+    else:
+        result = f"test response loss {report['test_response_loss']:.4f}"
+    print(f"done: {r.step} steps, {r.tokens:,} tokens, {r.tokens_per_s:,.0f} tokens/s, stopped by {r.stopped_by}; "
+          f"{result}; run in {r.run_dir}")
+
+
+def cmd_classify(a) -> None:
+    from scratchlm.finetune.classify import classifier_task, classify_texts
+    from scratchlm.train.checkpoint import load_for_inference
+    texts = list(a.text)
+    if a.file:
+        texts += [line for line in _read_input(a.file).splitlines() if line.strip()]
+    if not texts:
+        raise UserError("nothing to classify: give texts as arguments or --file FILE (one text per line)")
+    model, tok, meta = load_for_inference(a.ckpt, device=a.device)
+    task = classifier_task(meta, a.ckpt)
+    for text, res in zip(texts, classify_texts(model, tok, task, texts)):
+        print(json.dumps({"text": text, **res}, ensure_ascii=False) if a.json else
+              f"{res['label']}\t{res['probability']:.3f}\t{text}")
+
+
 def cmd_eval(a) -> None:
+    if a.task == "preference":
+        return cmd_eval_preference(a)
     from scratchlm.train.precision import autocast
     from scratchlm.atomic import save_json
     from scratchlm.train.checkpoint import load_for_inference
     model, tok, meta = load_for_inference(a.ckpt, device=a.device)
     amp = autocast(next(model.parameters()).device, "fp32")
-    if a.task == "perplexity":
+    if a.task == "classify":
+        from scratchlm.finetune.classify import classifier_task, evaluate_file
+        out = evaluate_file(model, tok, classifier_task(meta, a.ckpt), a.data)
+        f1 = ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in out["per_class"].items())
+        print(f"classify: accuracy {out['accuracy']:.4f}, {f1}, n={out['n']}")
+    elif a.task == "perplexity":
         from scratchlm.data.shards import INDEX, load_split
         from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
         import numpy as np
         p = Path(a.data)
         if (p / INDEX).exists():
-            tokens = np.asarray(load_split(p, a.split))
+            tokens = load_split(p, a.split, tokenizer=tok)
         elif p.exists():
             tokens = np.asarray(tok.encode_ordinary(p.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
         else:
@@ -161,19 +233,68 @@ def cmd_eval(a) -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "per_subject"}, indent=1))
 
 
+def cmd_align(a) -> None:
+    from scratchlm.align.pipeline import align_dpo
+    from scratchlm.config import load_config
+    extra = [f"run.out_dir={Path(a.out).parent}", f"run.name={Path(a.out).name}"]
+    if a.beta is not None:
+        extra.append(f"dpo.beta={a.beta}")
+    if a.on_bad_record:
+        extra.append(f"dpo.on_bad_record={a.on_bad_record}")
+    cfg = load_config(a.config, list(a.overrides) + extra)
+    r = align_dpo(cfg, a.ckpt, a.data, ref=a.ref, resume=a.resume)
+    if r.is_main:
+        ev = r.final_eval
+        print(f"done: {r.step} steps, stopped by {r.stopped_by}; held-out preference accuracy "
+              f"{ev.get('val_accuracy', float('nan')):.3f}, margin {ev.get('val_margin', float('nan')):.3f}; "
+              f"run in {r.run_dir}")
+
+
 def cmd_generate(a) -> None:
+    from scratchlm.finetune.templates import task_prompts
     from scratchlm.generate import SamplingConfig, generate
     from scratchlm.train.checkpoint import load_for_inference
-    model, tok, _ = load_for_inference(a.ckpt, device=a.device)
+    model, tok, meta = load_for_inference(a.ckpt, device=a.device)
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=0 if a.greedy else a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop)
     prompts = a.prompt or [""]
+    # An instruction-tuned run answers in its template and stops on its end token, unless --raw.
+    prompts, cfg.stop_tokens = task_prompts(meta["state"].get("task") or {}, tok, prompts, raw=a.raw)
     if len(prompts) == 1:
         sys.stdout.write(prompts[0])
         generate(model, tok, prompts[0], cfg, stream=True)
     else:
         for p, text in zip(prompts, generate(model, tok, prompts, cfg)):
             print(f"--- {p!r}\n{p}{text}")
+
+
+def cmd_export(a) -> None:
+    if a.format == "hf":
+        from scratchlm.interop.hf import export_hf
+        out = export_hf(a.ckpt, a.out, template=a.template)
+        print(f"exported {a.ckpt} -> {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
+    else:
+        from scratchlm.interop.gguf import export_gguf
+        out = export_gguf(a.ckpt, a.out, template=a.template)
+        print(f"exported {a.ckpt} -> {out} (GGUF for llama.cpp)")
+
+
+def cmd_import(a) -> None:
+    from scratchlm.interop.hf import import_hf
+    out = import_hf(a.src, a.out)
+    print(f"imported {a.src} -> run {out} (use it with generate/eval --ckpt {out})")
+
+
+def cmd_serve(a) -> None:
+    from scratchlm.serve.api import serve
+    serve(a.ckpt, host=a.host, port=a.port, api_key=a.api_key, device=a.device, max_batch=a.max_batch,
+          max_queue=a.max_queue, model_name=a.model_name)
+
+
+def cmd_chat(a) -> None:
+    from scratchlm.serve.terminal import chat
+    chat(a.ckpt, device=a.device, max_tokens=a.max_tokens, temperature=0 if a.greedy else a.temperature,
+         top_p=a.top_p, seed=a.seed, system=a.system)
 
 
 def _prices(items: list[str]) -> dict[str, float]:
@@ -232,23 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("prepare", help="corpus -> cleaned, deduplicated, tokenized train/val shards",
-                       formatter_class=fmt)
-    p.add_argument("--input", required=True, help="builtin, file, dir, glob, URL or hf:PATH")
-    p.add_argument("--out", required=True, help="directory for the prepared dataset")
-    p.add_argument("--tokenizer", help="use this tokenizer instead of training one")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer to train")
-    p.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt2, gpt4 or a regex")
-    p.add_argument("--text-field", default="text", help="the field holding the text in JSONL / parquet records")
-    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop",
-                   help="what to do with an unreadable record")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
-    p.add_argument("--no-dedup", action="store_true", help="keep duplicate and near-duplicate documents")
-    p.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold")
-    p.add_argument("--min-chars", type=int, default=32, help="drop documents shorter than this")
-    p.add_argument("--max-docs", type=int, default=0, help="use at most this many documents (0 = all)")
-    p.add_argument("--decontaminate", nargs="*", default=[], help="eval files (MMLU CSV, HellaSwag, ARC, text)")
-    p.add_argument("--drop-contaminated", action="store_true",
-                   help="drop documents that overlap the --decontaminate files (default: only report them)")
+                       description="Settings come from the [data] and [tokenizer] sections of --config (default: "
+                       "the built-in defaults), then --set, then the shortcut flags below.", formatter_class=fmt)
+    p.add_argument("--config", default=None, help="preset name or .toml path (its [data] and [tokenizer] sections)")
+    _add_set(p)
+    p.add_argument("--input", help="corpus: builtin, file, dir, glob, URL or hf:PATH (data.corpus)")
+    p.add_argument("--out", help="dataset directory to write (data.dataset_dir)")
+    p.add_argument("--tokenizer", help="use this tokenizer directory instead of training one (tokenizer.path)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer.vocab_size")
+    p.add_argument("--pattern", help="pre-tokenizer: gpt2, gpt4 or a regex (tokenizer.pattern)")
+    p.add_argument("--text-field", help="JSONL/Parquet field holding the text (data.text_field)")
+    p.add_argument("--on-bad-record", choices=["stop", "skip"], help="data.on_bad_record")
+    p.add_argument("--val-fraction", type=float, help="share held out for validation (data.val_fraction)")
+    p.add_argument("--no-dedup", action="store_true", help="keep duplicates (data.dedup=false)")
+    p.add_argument("--threshold", type=float, help="near-duplicate Jaccard threshold (data.near_dedup_threshold)")
+    p.add_argument("--min-chars", type=int, help="drop shorter documents (data.min_chars)")
+    p.add_argument("--max-docs", type=int, help="read at most this many documents (data.max_docs)")
+    p.add_argument("--decontaminate", nargs="*", help="eval files: MMLU CSV, HellaSwag, ARC, text (data.decontaminate)")
+    p.add_argument("--drop-contaminated", action="store_true", help="drop flagged documents (data.drop_contaminated)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.set_defaults(func=cmd_prepare)
 
@@ -290,8 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC", formatter_class=fmt)
-    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc"])
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint: a classifier, or instruction following (SFT)",
+                       formatter_class=fmt)
+    p.add_argument("task", choices=["classify", "sft"])
+    p.add_argument("--ckpt", required=True, help="base checkpoint or run directory")
+    p.add_argument("--data", required=True, help="classify: label<TAB>text TSV, CSV or JSONL {text, label}; "
+                   "sft: Alpaca JSON/JSONL {instruction, input, output} or chat JSONL {messages}")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/spam")
+    p.add_argument("--config", default="finetune", help="preset name or .toml path")
+    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    _add_set(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("classify", help="classify texts with a fine-tuned classifier", formatter_class=fmt)
+    p.add_argument("text", nargs="*", help="texts to classify")
+    p.add_argument("--ckpt", required=True, help="classifier checkpoint or run directory")
+    p.add_argument("--file", help="a file of texts, one per line (- for stdin)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text, with every class's probability")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier, preference pairs",
+                       formatter_class=fmt)
+    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify", "preference"])
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="text file or prepared dataset (perplexity); task file or dir")
     p.add_argument("--split", default="val", help="split of a prepared dataset to score (perplexity)")
@@ -301,8 +444,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="score at most this many items (0 = all)")
     p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop",
                    help="what to do with an unreadable item")
+    p.add_argument("--ref", default=None, help="preference: reference checkpoint (default: the run's recorded "
+                   "reference; 'none' compares log p(chosen) with log p(rejected))")
+    p.add_argument("--beta", type=float, default=None, help="preference: reward scale (default: the run's, or 0.1)")
+    p.add_argument("--template", default=None, help="preference: alpaca | chat (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("align", help="preference alignment (DPO) of a fine-tuned checkpoint", formatter_class=fmt)
+    asub = p.add_subparsers(dest="method", required=True)
+    t = asub.add_parser("dpo", help="Direct Preference Optimization on chosen/rejected pairs", formatter_class=fmt)
+    t.add_argument("--ckpt", required=True, help="starting checkpoint or run (usually SFT); also the reference")
+    t.add_argument("--data", required=True, help="pairs: JSONL {prompt, chosen, rejected}, the book's preference "
+                   "JSON, or HH-RLHF {chosen, rejected} transcripts (.jsonl[.gz])")
+    t.add_argument("--out", required=True, help="run directory, e.g. runs/dpo")
+    t.add_argument("--ref", default=None, help="reference checkpoint (default: --ckpt)")
+    t.add_argument("--beta", type=float, default=None, help="dpo.beta (default from the config: 0.1)")
+    t.add_argument("--config", default="dpo", help="preset name or .toml path")
+    t.add_argument("--on-bad-record", choices=["stop", "skip"], default=None, help="dpo.on_bad_record")
+    t.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    _add_set(t)
+    t.set_defaults(func=cmd_align)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint", formatter_class=fmt)
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
@@ -315,9 +477,48 @@ def build_parser() -> argparse.ArgumentParser:
                    "probability (1 = all)")
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="an SFT run: do not wrap the prompt in its template")
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory or a llama.cpp GGUF file",
+                       formatter_class=fmt)
+    p.add_argument("format", choices=["hf", "gguf"])
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--out", required=True, help="new directory (hf) or FILE.gguf (gguf)")
+    p.add_argument("--template", choices=["chat", "alpaca", "none"], default=None,
+                   help="chat template to ship (default: the one a fine-tuned checkpoint records, else none)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="a Hugging Face GPT-2/Llama directory as a scratchlm run", formatter_class=fmt)
+    p.add_argument("format", choices=["hf"])
+    p.add_argument("src", help="directory with config.json, weights and tokenizer.json")
+    p.add_argument("--out", required=True, help="new run directory")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and a web chat page (needs the serve extra)",
+                       formatter_class=fmt)
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the directory's)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal", formatter_class=fmt)
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
+    p.add_argument("--temperature", type=float, default=0.8, help="below 1: safer; above 1: more varied")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens holding this much probability")
+    p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -42,6 +42,10 @@ class DataConfig:
     min_chars: int = 32
     max_docs: int = 0              # 0 = all
     max_chars: int = 0             # 0 = all; a cap on corpus size for quick runs
+    on_bad_record: str = "stop"    # stop | skip: a malformed JSONL line or record without the text field
+    decontaminate: list[str] = field(default_factory=list)  # eval files whose 13-grams are looked for
+    drop_contaminated: bool = False  # drop flagged documents (default: only report them)
+    shard_tokens: int = 50_000_000   # tokens per shard file (also what `prepare` buffers in memory)
 
 
 @dataclass
@@ -89,6 +93,60 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    template: str = "alpaca"       # sft: alpaca | chat (stored in the checkpoint; generate/chat/serve use it)
+    train_on_prompt: bool = False  # sft: the loss also covers prompt tokens (default: response + end token)
+    max_length: int = 0            # tokens per example; 0 = the model's context (+1 for the shifted target)
+    packing: bool = False          # sft: several examples per sequence (attention kept within each)
+    trainable: str = "auto"        # auto | all | lora; classify also head | last-block (auto: classify
+                                   # last-block, the book's choice; sft all)
+    init: str = "pretrained"       # pretrained | random: start from the base's weights or its shape only
+    balanced: bool = False         # classify: draw every class equally often
+    epochs: float = 0.0            # > 0: train this many passes over the training split (sets max_steps)
+    val_fraction: float = 0.1      # held-out shares of the data file, split by run.seed
+    test_fraction: float = 0.2
+
+
+TARGETS = ("q", "k", "v", "o", "mlp", "head")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0            # the update is scaled by alpha / rank
+    dropout: float = 0.0           # on the adapters' input only
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # from q k v o mlp head
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> "LoraConfig":
+        if self.rank < 1:
+            raise UserError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise UserError(f"lora.targets {self.targets} must be a non-empty list from {', '.join(TARGETS)}")
+        return self
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1              # strength of the leash to the reference: reward = beta * log(pi / pi_ref)
+    label_smoothing: float = 0.0   # conservative DPO: the share of preference labels assumed flipped
+    length_normalize: bool = False # average response log-probs over tokens instead of summing (book variant)
+    precompute_reference: bool = True  # reference log-probs once, stored with the pairs; no reference in memory
+    template: str = ""             # "" = the starting checkpoint's template; else alpaca | chat
+    val_fraction: float = 0.1      # share of pairs held out (split by run.seed)
+    max_pairs: int = 0             # 0 = all; a cap for quick runs
+    on_bad_record: str = "stop"    # stop | skip
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "Give three tips for staying healthy.", "What is the capital of France?"])
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -96,6 +154,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -17,26 +17,18 @@ import numpy as np
 
 from scratchlm.atomic import save_json
 from scratchlm.config import load_config, to_toml
-from scratchlm.data.prepare import PrepareOptions, prepare
+from scratchlm.data.prepare import prepare
 from scratchlm.data.shards import INDEX, load_split, read_index
 from scratchlm.errors import UserError
 from scratchlm.eval.cloze import build_cloze_items
 from scratchlm.eval.multiple_choice import score_items
 from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
 from scratchlm.generate import SamplingConfig, generate
-from scratchlm.report import plot_loss, table, write_report
-from scratchlm.tokenizer import Tokenizer
+from scratchlm.report import plot_loss, quickstart_sections, write_report
+from scratchlm.tokenizer import Tokenizer, compression_stats
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.precision import autocast
 from scratchlm.train.trainer import pretrain
-
-
-def compression_stats(tok: Tokenizer, passage: str) -> dict:
-    """A passage's length in characters, character-level tokens and BPE tokens."""
-    bpe = len(tok.encode_ordinary(passage))
-    chars = len(passage)
-    return {"characters": chars, "bytes": len(passage.encode("utf-8")), "char_level_tokens": chars,
-            "char_vocab": len(set(passage)), "bpe_tokens": bpe, "ratio": round(chars / max(bpe, 1), 2)}
 
 
 def val_documents(dataset_dir: Path, tok: Tokenizer) -> list[str]:
@@ -72,12 +64,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
         log(f"[1/5] using the prepared dataset in {dataset_dir}")
     else:
         log(f"[1/5] preparing {corpus!r}: clean, deduplicate, train the tokenizer, write shards")
-        prepare(PrepareOptions(corpus=corpus, out=str(dataset_dir), text_field=cfg.data.text_field,
-                               vocab_size=cfg.tokenizer.vocab_size, pattern=cfg.tokenizer.pattern,
-                               tokenizer=cfg.tokenizer.path, val_fraction=cfg.data.val_fraction,
-                               dedup=cfg.data.dedup, near_threshold=cfg.data.near_dedup_threshold,
-                               min_chars=cfg.data.min_chars, max_docs=cfg.data.max_docs,
-                               max_chars=cfg.data.max_chars, seed=cfg.run.seed), log=lambda m: log("      " + m))
+        prepare(cfg.data, cfg.tokenizer, dataset_dir, seed=cfg.run.seed, log=lambda m: log("      " + m))
     timings["prepare"] = time.time() - t
     index = read_index(dataset_dir)
     tok = Tokenizer.load(dataset_dir / "tokenizer")
@@ -105,7 +92,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     model, tok, _ = load_for_inference(last)
     device = next(model.parameters()).device
     amp = autocast(device, result.precision)
-    val_tokens = load_split(dataset_dir, "val")
+    val_tokens = load_split(dataset_dir, "val", tokenizer=tok)  # the checkpoint's tokenizer made them
     ppl = evaluate_tokens(model, val_tokens, token_byte_lengths(tok), stride=cfg.model.context_length // 2,
                           autocast=amp)
     items = build_cloze_items(docs, n=cfg.eval.mc_limit, seed=cfg.run.seed)
@@ -126,38 +113,8 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     save_json(out / "results.json", results)
     png = plot_loss(out / "metrics.jsonl", out / "loss.png")
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("type") == "eval"]
-    stats = index["stats"]
-    sections = [
-        ("Result", table([
-            ["validation loss (nats/token)", f"{ppl.loss:.4f}"],
-            ["validation perplexity", f"{ppl.perplexity:.2f}"],
-            ["validation bits per byte", f"{ppl.bits_per_byte:.4f}"],
-            ["multiple choice (held-out line endings, 4 choices)",
-             f"acc {mc.acc:.3f} (95% CI {mc.ci95()[0]:.3f}-{mc.ci95()[1]:.3f}), random {mc.random_baseline:.2f}, "
-             f"n={mc.n}" if mc else "not enough held-out text"],
-            ["optimizer steps / tokens seen", f"{result.step} / {result.tokens:,}"],
-            ["training speed", f"{result.tokens_per_s:,.0f} tokens/s ({result.precision}, {result.device})"],
-        ], ["metric", "value"])),
-        ("Data", table([
-            ["corpus", corpus],
-            ["documents read / kept after cleaning", f"{stats['clean']['docs_in']} / {stats['clean']['docs_out']}"],
-            ["duplicates removed (exact / near)",
-             f"{stats.get('dedup', {}).get('exact_duplicates', 0)} / {stats.get('dedup', {}).get('near_duplicates', 0)}"],
-            ["train / val tokens", f"{index['splits']['train']['tokens']:,} / {index['splits']['val']['tokens']:,}"],
-            ["train / val documents", f"{index['splits']['train']['documents']} / {index['splits']['val']['documents']}"],
-        ], ["", ""])),
-        ("Tokenizer", f"Byte-level BPE, {tok.vocab_size} tokens, trained on the training split.\n\n" + table([
-            ["characters", comp["characters"]], ["character-level tokens", comp["char_level_tokens"]],
-            ["BPE tokens", comp["bpe_tokens"]], ["characters per BPE token", comp["ratio"]],
-        ], ["held-out passage", "length"])),
-        ("Training", (f"![loss curve](loss.png)\n\n" if png else "") + table(
-            [[e["step"], f"{e['val_loss']:.4f}", f"{e['val_ppl']:.2f}", f"{e['val_bpb']:.4f}"] for e in evals],
-            ["step", "val loss", "val ppl", "val bits/byte"])),
-        ("Samples", "\n\n".join(f"**{p!r}** (greedy)\n```\n{p}{g}\n```\n**{p!r}** (temperature 0.8, top-k 50)\n"
-                                f"```\n{p}{s}\n```" for p, g, s in zip(cfg.eval.prompts, greedy, sampled))),
-        ("Timings", table([[k, f"{v:.1f} s"] for k, v in timings.items()], ["stage", "wall time"])),
-        ("Config", f"```toml\n{to_toml(cfg)}```"),
-    ]
+    sections = quickstart_sections(results, index, evals, corpus=corpus, vocab_size=tok.vocab_size,
+                                   plot=png is not None, config_toml=to_toml(cfg))
     path = write_report(out, "scratchlm quickstart report", sections)
     log(f"val loss {ppl.loss:.4f} | perplexity {ppl.perplexity:.2f} | {ppl.bits_per_byte:.4f} bits/byte"
         + (f" | multiple choice acc {mc.acc:.3f} (random {mc.random_baseline:.2f})" if mc else ""))

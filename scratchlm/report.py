@@ -36,13 +36,15 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
 
 
 def table(rows: list[list], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    def cell(c) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")  # a '|' or newline would break the row
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def write_report(run_dir: Path, title: str, sections: list[tuple[str, str]]) -> Path:
-    """sections: (heading, markdown body). Writes report.md and a plain report.html beside it."""
+    """sections: (heading, markdown body). Writes report.md and report.html beside it."""
     md = f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{body}" for h, body in sections) + "\n"
     path = run_dir / "report.md"
     write_text(path, md)
@@ -51,38 +53,52 @@ def write_report(run_dir: Path, title: str, sections: list[tuple[str, str]]) -> 
 
 
 def markdown_to_html(md: str, title: str) -> str:
-    """Just enough Markdown for our reports: headings, tables, images, code blocks, paragraphs."""
-    out, in_code, in_table = [], False, False
-    for line in md.splitlines():
-        if line.startswith("```"):
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= {"-", ":"} for c in cells):
-                continue
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-            out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            out.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    style = "body{font-family:sans-serif;max-width:900px;margin:auto}td{border:1px solid #ccc;padding:2px 6px}"
+    """CommonMark + tables, by markdown-it-py. Raw HTML in the text (a model's sample, say) is
+    escaped, never passed through."""
+    from markdown_it import MarkdownIt
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
+    style = ("body{font-family:sans-serif;max-width:900px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:6px;overflow-x:auto}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
+
+def quickstart_sections(results: dict, index: dict, evals: list[dict], *, corpus: str, vocab_size: int,
+                        plot: bool, config_toml: str) -> list[tuple[str, str]]:
+    """The quickstart report's sections, from its results.json, the dataset index and the evaluations."""
+    val, train, comp, mc = results["val"], results["train"], results["compression"], results["multiple_choice"]
+    stats, splits = index["stats"], index["splits"]
+    dedup = stats.get("dedup", {})
+    unit = "spans" if index.get("split_by") == "span" else "documents"
+    samples = results["samples"]
+    return [
+        ("Result", table([
+            ["validation loss (nats/token)", f"{val['loss']:.4f}"],
+            ["validation perplexity", f"{val['perplexity']:.2f}"],
+            ["validation bits per byte", f"{val['bits_per_byte']:.4f}"],
+            ["multiple choice (held-out line endings, 4 choices)",
+             f"acc {mc['acc']:.3f} (95% CI {mc['acc_ci95'][0]:.3f}-{mc['acc_ci95'][1]:.3f}), "
+             f"random {mc['random_baseline']:.2f}, n={mc['n']}" if mc else "not enough held-out text"],
+            ["optimizer steps / tokens seen", f"{train['steps']} / {train['tokens']:,}"],
+            ["training speed", f"{train['tokens_per_s']:,.0f} tokens/s ({train['precision']}, {train['device']})"],
+        ], ["metric", "value"])),
+        ("Data", table([
+            ["corpus", corpus],
+            ["documents read / kept after cleaning", f"{stats['clean']['docs_in']} / {stats['clean']['docs_out']}"],
+            ["duplicates removed (exact / near)",
+             f"{dedup.get('exact_duplicates', 0)} / {dedup.get('near_duplicates', 0)}"],
+            ["train / val tokens", f"{splits['train']['tokens']:,} / {splits['val']['tokens']:,}"],
+            [f"train / val {unit}", f"{splits['train']['documents']} / {splits['val']['documents']}"],
+        ], ["", ""])),
+        ("Tokenizer", f"Byte-level BPE, {vocab_size} tokens, trained on the training split.\n\n" + table([
+            ["characters", comp["characters"]], ["character-level tokens", comp["char_level_tokens"]],
+            ["BPE tokens", comp["bpe_tokens"]], ["characters per BPE token", comp["ratio"]],
+        ], ["held-out passage", "length"])),
+        ("Training", ("![loss curve](loss.png)\n\n" if plot else "") + table(
+            [[e["step"], f"{e['val_loss']:.4f}", f"{e['val_ppl']:.2f}", f"{e['val_bpb']:.4f}"] for e in evals],
+            ["step", "val loss", "val ppl", "val bits/byte"])),
+        ("Samples", "\n\n".join(f"**{p!r}** (greedy)\n```\n{p}{g}\n```\n\n**{p!r}** (temperature 0.8, top-k 50)\n"
+                                f"```\n{p}{samples['sampled'][p]}\n```" for p, g in samples["greedy"].items())),
+        ("Timings", table([[k, f"{v:.1f} s"] for k, v in results["timings_s"].items()], ["stage", "wall time"])),
+        ("Config", f"```toml\n{config_toml}```"),
+    ]

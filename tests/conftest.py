@@ -26,9 +26,10 @@ def small_tokenizer(shared):
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, shared):
-    """A prepared dataset from Tiny Shakespeare (split into paragraph blocks), vocab 512."""
-    from scratchlm.data.prepare import PrepareOptions, prepare
+    """A prepared dataset from Tiny Shakespeare (one document, so split by contiguous spans), vocab 512."""
+    from scratchlm.config import DataConfig, TokenizerConfig
+    from scratchlm.data.prepare import prepare
     out = tmp_path_factory.mktemp("ds") / "shakespeare"
-    prepare(PrepareOptions(corpus=str(shared / "tinyshakespeare.txt"), out=str(out), vocab_size=512,
-                           val_fraction=0.1, max_chars=400_000), log=lambda *_: None)
+    prepare(DataConfig(corpus=str(shared / "tinyshakespeare.txt"), val_fraction=0.1, max_chars=400_000),
+            TokenizerConfig(vocab_size=512), out, log=lambda *_: None)
     return out

@@ -9,7 +9,8 @@ def cli(*args, **kw):
 
 def test_help_lists_every_command_with_defaults():
     r = cli("--help")
-    for command in ("quickstart", "tokenizer", "prepare", "dedup", "pretrain", "eval", "generate"):
+    for command in ("quickstart", "tokenizer", "prepare", "dedup", "pretrain", "eval", "generate", "finetune",
+                    "classify", "align", "export", "import", "serve", "chat"):
         assert command in r.stdout
     r = cli("tokenizer", "train", "--help")
     assert "default: 4096" in r.stdout

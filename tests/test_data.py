@@ -11,7 +11,8 @@ from scratchlm.data.clean import CleanStats, QualityFilter, clean_document, norm
 from scratchlm.data.dataset import RandomWindowLoader, SlidingWindowDataset
 from scratchlm.data.decontam import Decontaminator
 from scratchlm.data.dedup import deduplicate, jaccard
-from scratchlm.data.prepare import PrepareOptions, prepare, split_documents
+from scratchlm.config import DataConfig, TokenizerConfig
+from scratchlm.data.prepare import prepare, split_documents
 from scratchlm.data.shards import load_split, read_index
 from scratchlm.data.sources import ReadOptions, iter_documents
 from scratchlm.errors import UserError
@@ -70,7 +71,7 @@ def test_missing_and_empty_corpus(tmp_path):
         list(iter_documents(str(tmp_path / "nope.txt")))
     (tmp_path / "empty.txt").write_text("   \n")
     with pytest.raises(UserError, match="no documents left"):
-        prepare(PrepareOptions(corpus=str(tmp_path / "empty.txt"), out=str(tmp_path / "out")), log=lambda *_: None)
+        prepare(DataConfig(corpus=str(tmp_path / "empty.txt")), TokenizerConfig(), tmp_path / "out", log=lambda *_: None)
     assert not (tmp_path / "out").exists()
 
 
@@ -135,7 +136,7 @@ def test_prepare_shards_index_and_refuses_overwrite(tiny_dataset):
     assert len(train) == index["splits"]["train"]["tokens"] and len(val) > 0
     assert int((np.asarray(train) == index["eot_id"]).sum()) == index["splits"]["train"]["documents"]
     with pytest.raises(UserError, match="already holds"):
-        prepare(PrepareOptions(corpus="x", out=str(tiny_dataset)), log=lambda *_: None)
+        prepare(DataConfig(corpus="x"), TokenizerConfig(), tiny_dataset, log=lambda *_: None)
 
 
 def test_truncated_shard_detected(tiny_dataset, tmp_path):

@@ -1,8 +1,21 @@
-"""Our multiple-choice numbers equal lm-evaluation-harness's, on the same model and items."""
+"""Our multiple-choice numbers equal lm-evaluation-harness's, item by item.
 
-import json
+The two sides share nothing but the model weights and the tokenizer:
+- prompts: lm-eval builds them from the raw files with its own task configs (the real
+  hellaswag / arc_easy / mmlu_astronomy YAML and hellaswag utils, `include`d and pointed at local
+  files; tests/lm_eval_tasks/raw_formats.py only maps the files' layouts onto the HF ones);
+- requests: lm-eval's TemplateLM splits context and continuation tokens;
+- scoring: a plain one-request-at-a-time forward pass here, our batched scorer on our side.
+Per-item log-likelihoods are compared, not only mean accuracy.
+"""
 
+import shutil
+from pathlib import Path
+
+import lm_eval
 import pytest
+import torch
+from lm_eval.api.model import TemplateLM
 
 from scratchlm.config import load_config
 from scratchlm.eval.multiple_choice import score_items
@@ -10,7 +23,8 @@ from scratchlm.eval.tasks import load_arc, load_hellaswag, load_mmlu
 from scratchlm.train.checkpoint import load_for_inference
 from scratchlm.train.trainer import pretrain
 
-N = 40
+N = 30
+LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 
 
 @pytest.fixture(scope="module")
@@ -23,79 +37,121 @@ def run_dir(tmp_path_factory, tiny_dataset):
     return out / "m"
 
 
-def write_tasks(folder, shared):
-    mmlu_csv = shared / "mmlu" / "test" / "astronomy_test.csv"
-    hs_items = load_hellaswag(shared / "hellaswag_val_part1.txt")[:N]
-    hs_file = folder / "hs.jsonl"
-    hs_file.write_text("".join(json.dumps({"query": it.context, "choices": it.choices, "gold": it.gold}) + "\n"
-                               for it in hs_items))
-    arc_file = shared / "arc" / "arc_easy_validation.jsonl"
-    (folder / "mmlu.yaml").write_text(f"""task: scratch_mmlu_astronomy
+class NaiveLM(TemplateLM):
+    """lm-eval's request handling on our model, scored with one plain forward pass per request."""
+
+    def __init__(self, model, tok):
+        super().__init__()
+        self.model, self.tok = model, tok
+
+    @property
+    def eot_token_id(self):
+        return self.tok.eot_id
+
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        return self.tok.encode_ordinary(string)
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+        T = self.model.cfg.context_length
+        out = []
+        for _, ctx, cont in requests:
+            full = (ctx + cont)[-(T + 1):]
+            logits = self.model(torch.tensor([full[:-1]]))[0][0]
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            rows = range(len(full) - 1 - len(cont), len(full) - 1)
+            out.append((sum(logp[r, t].item() for r, t in zip(rows, cont)),
+                        all(logp[r].argmax().item() == t for r, t in zip(rows, cont))))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+    def generate_until(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+
+def write_tasks(folder: Path, shared: Path) -> None:
+    shutil.copy(Path(__file__).parent / "lm_eval_tasks" / "raw_formats.py", folder)
+    (folder / "raw_mmlu.yaml").write_text(f"""include: {LM_EVAL_TASKS}/mmlu/default/mmlu_astronomy.yaml
+task: raw_mmlu_astronomy
+tag: []
 dataset_path: csv
+dataset_name: null
 dataset_kwargs:
   data_files:
-    test: {mmlu_csv}
-test_split: test
-output_type: multiple_choice
-description: "The following are multiple choice questions (with answers) about astronomy.\\n\\n"
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choice0}}}}\\nB. {{{{choice1}}}}\\nC. {{{{choice2}}}}\\nD. {{{{choice3}}}}\\nAnswer:"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
+    test: {shared}/mmlu/test/astronomy_test.csv
+    dev: {shared}/mmlu/dev/astronomy_dev.csv
+process_docs: !function raw_formats.mmlu_csv
+num_fewshot: 5
 """)
-    (folder / "hs.yaml").write_text(f"""task: scratch_hellaswag
-dataset_path: json
+    (folder / "raw_hellaswag.yaml").write_text(f"""include: {LM_EVAL_TASKS}/hellaswag/hellaswag.yaml
+task: raw_hellaswag
+tag: []
+dataset_path: text
+dataset_name: null
 dataset_kwargs:
   data_files:
-    test: {hs_file}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
+    validation: {shared}/hellaswag_val_part1.txt
+training_split: null
+process_docs: !function raw_formats.hellaswag_text
 """)
-    (folder / "arc.yaml").write_text(f"""task: scratch_arc_easy
+    (folder / "raw_arc.yaml").write_text(f"""include: {LM_EVAL_TASKS}/arc/arc_easy.yaml
+task: raw_arc_easy
+tag: []
 dataset_path: json
+dataset_name: null
 dataset_kwargs:
   data_files:
-    test: {arc_file}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices.text}}}}"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
+    validation: {shared}/arc/arc_easy_validation.jsonl
+training_split: null
+test_split: null
 """)
 
 
-def test_mmlu_hellaswag_arc_match_lm_eval(tmp_path, shared, run_dir):
-    import lm_eval
+def test_mmlu_5shot_hellaswag_arc_match_lm_eval_item_by_item(tmp_path, shared, run_dir):
     from lm_eval.tasks import TaskManager
-
-    from scratchlm.eval.lm_eval_adapter import ScratchLM
     write_tasks(tmp_path, shared)
-    lm = ScratchLM(ckpt=str(run_dir), device="cpu")
-    res = lm_eval.simple_evaluate(model=lm, tasks=["scratch_mmlu_astronomy", "scratch_hellaswag", "scratch_arc_easy"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)), limit=N, num_fewshot=0)
     model, tok, _ = load_for_inference(run_dir, device="cpu")
+    res = lm_eval.simple_evaluate(model=NaiveLM(model, tok), tasks=["raw_mmlu_astronomy", "raw_hellaswag", "raw_arc_easy"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)), limit=N, log_samples=True)
     ours = {
-        "scratch_mmlu_astronomy": load_mmlu(shared / "mmlu" / "test" / "astronomy_test.csv")[:N],
-        "scratch_hellaswag": load_hellaswag(shared / "hellaswag_val_part1.txt")[:N],
-        "scratch_arc_easy": load_arc(shared / "arc" / "arc_easy_validation.jsonl")[:N],
+        "raw_mmlu_astronomy": load_mmlu(shared / "mmlu" / "test" / "astronomy_test.csv", shots=5)[:N],
+        "raw_hellaswag": load_hellaswag(shared / "hellaswag_val_part1.txt")[:N],
+        "raw_arc_easy": load_arc(shared / "arc" / "arc_easy_validation.jsonl")[:N],
     }
+    assert res["configs"]["raw_mmlu_astronomy"]["num_fewshot"] == 5
     for task, items in ours.items():
-        mine, _ = score_items(model, tok, items)
+        mine, details = score_items(model, tok, items)
+        samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+        assert len(samples) == len(items) == N, task
+        for item, det, sample in zip(items, details, samples):
+            contexts = {a[0] for a in sample["arguments"]}
+            assert contexts == {item.context}, (task, sample["doc_id"])          # same prompt, character for character
+            assert [a[1] for a in sample["arguments"]] == [" " + c for c in item.choices], task
+            theirs = [r[0] for r in sample["filtered_resps"]]
+            assert det["loglikelihoods"] == pytest.approx(theirs, abs=2e-4), (task, sample["doc_id"])
+            assert det["gold"] == int(sample["target"]), task
         theirs = res["results"][task]
         assert mine.acc == pytest.approx(theirs["acc,none"], abs=1e-9), task
-        assert mine.acc_norm == pytest.approx(theirs["acc_norm,none"], abs=1e-9), task
-        assert mine.acc_stderr == pytest.approx(theirs["acc_stderr,none"], rel=1e-6), task
+        if "acc_norm,none" in theirs:
+            assert mine.acc_norm == pytest.approx(theirs["acc_norm,none"], abs=1e-9), task
+
+
+def test_every_hellaswag_prompt_matches_lm_evals_preprocessing(shared):
+    """All 5,021 items, prompts only: our text loader vs lm-eval's hellaswag process_docs."""
+    import datasets
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("raw_formats", Path(__file__).parent / "lm_eval_tasks" / "raw_formats.py")
+    raw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(raw)
+    lines = (shared / "hellaswag_val_part1.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    docs = raw.hellaswag_text(datasets.Dataset.from_dict({"text": lines}))
+    items = load_hellaswag(shared / "hellaswag_val_part1.txt")
+    assert len(docs) == len(items) == 5021
+    assert [d["query"] for d in docs] == [it.context for it in items]
+    assert [d["choices"] for d in docs] == [it.choices for it in items]
+    assert [int(d["gold"]) for d in docs] == [it.gold for it in items]
 
 
 def test_rolling_loglikelihood_and_generate_until(run_dir):
@@ -113,3 +169,14 @@ def test_rolling_loglikelihood_and_generate_until(run_dir):
     assert rolling_long < rolling * 5
     (out,) = lm.generate_until([Instance("generate_until", {}, ("ROMEO:", {"until": ["\n"], "max_gen_toks": 20}), 0)])
     assert "\n" not in out
+
+
+def test_adapter_agrees_with_the_naive_scorer(run_dir):
+    """The registered adapter (TemplateLM + our batched scorer) == the plain forward pass above."""
+    from lm_eval.api.instance import Instance
+
+    from scratchlm.eval.lm_eval_adapter import ScratchLM
+    lm = ScratchLM(ckpt=str(run_dir), device="cpu", batch_size=3)
+    naive = NaiveLM(lm.model, lm.tok)
+    reqs = [Instance("loglikelihood", {}, (f"ROMEO: speak {i} times, ", f"and then {'more ' * i}"), i) for i in range(7)]
+    assert [x[0] for x in lm.loglikelihood(reqs)] == pytest.approx([x[0] for x in naive.loglikelihood(reqs)], abs=2e-4)

@@ -67,6 +67,7 @@ class CleanStats:
     docs_out: int = 0
     bytes_out: int = 0
     removed: dict = field(default_factory=dict)  # reason -> {"docs": n, "bytes": n}
+    bad_bytes: int = 0  # undecodable byte sequences the reader replaced by U+FFFD
 
     def drop(self, reason: str, nbytes: int) -> None:
         r = self.removed.setdefault(reason, {"docs": 0, "bytes": 0})

@@ -184,60 +184,103 @@ def lsh_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> s
     return pairs
 
 
+class Deduplicator:
+    """Streaming deduplication: feed documents in batches with `add`, then `finish` decides.
+
+    Only 20 bytes (exact key) and one signature row (`num_perm` x 4 bytes) per document are kept,
+    never the texts, so a corpus larger than memory can be deduplicated. `spill_dir` keeps the
+    signatures in a file instead of memory.
+    """
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, bands: int = 0,
+                 rows: int = 0, exact: bool = True, near: bool = True, seed: int = 0,
+                 spill_dir: str | Path | None = None):
+        self.threshold, self.num_perm, self.exact, self.near = threshold, num_perm, exact, near
+        self.bands, self.rows = (bands, rows) if bands else optimal_bands(num_perm, threshold)
+        self.hasher = MinHasher(num_perm=num_perm, ngram=ngram, seed=seed)
+        self.keep: list[bool] = []
+        self.exact_dups = 0
+        self._seen: set[bytes] = set()
+        self._live: list[int] = []      # documents that take part in near-dedup (not exact dups, have words)
+        self._sigs: list[np.ndarray] = []
+        self._spill = None
+        if spill_dir:
+            Path(spill_dir).mkdir(parents=True, exist_ok=True)
+            self._spill_path = Path(spill_dir) / "signatures.u32"
+            self._spill = open(self._spill_path, "wb")
+
+    def add(self, texts: list[str]) -> None:
+        base = len(self.keep)
+        fresh = []
+        for i, t in enumerate(texts):
+            keep = True
+            if self.exact:
+                k = exact_key(t)
+                if k in self._seen:
+                    keep = False
+                    self.exact_dups += 1
+                else:
+                    self._seen.add(k)
+            self.keep.append(keep)
+            if keep:
+                fresh.append(i)
+        if not self.near or not fresh:
+            return
+        sig = self.hasher.signatures([texts[i] for i in fresh])
+        # A document with no words has no shingles, hence no signature: it cannot be a *near*
+        # duplicate of anything (equal empty signatures would put all such documents in one cluster).
+        has_words = (sig != np.iinfo(np.uint32).max).any(axis=1)
+        self._live.extend(base + i for i, w in zip(fresh, has_words) if w)
+        sig = np.ascontiguousarray(sig[has_words])
+        if self._spill is not None:
+            self._spill.write(sig.tobytes())
+        else:
+            self._sigs.append(sig)
+
+    def finish(self) -> "DedupResult":
+        result = DedupResult(keep=self.keep, exact_dups=self.exact_dups)
+        if self._spill is not None:
+            self._spill.close()
+            sig = (np.memmap(self._spill_path, dtype=np.uint32, mode="r").reshape(-1, self.num_perm)
+                   if self._live else np.zeros((0, self.num_perm), np.uint32))
+        else:
+            sig = np.concatenate(self._sigs) if self._sigs else np.zeros((0, self.num_perm), np.uint32)
+        live = self._live
+        if len(live) < 2:
+            return result
+        pairs = lsh_pairs(sig, self.bands, self.rows)
+        result.candidate_pairs = len(pairs)
+        uf = UnionFind(len(live))
+        if pairs:
+            arr = np.array(sorted(pairs), dtype=np.int64)
+            est = np.empty(len(arr))
+            for s in range(0, len(arr), 65536):  # verify in chunks: estimated Jaccard per pair
+                a, b = arr[s:s + 65536, 0], arr[s:s + 65536, 1]
+                est[s:s + 65536] = (sig[a] == sig[b]).mean(axis=1)
+            verified = arr[est >= self.threshold]
+            result.verified_pairs = len(verified)
+            for a, b in verified.tolist():
+                uf.union(a, b)
+        groups: dict[int, list[int]] = {}
+        for j in range(len(live)):
+            groups.setdefault(uf.find(j), []).append(live[j])
+        for members in groups.values():
+            if len(members) > 1:
+                result.clusters.append(members)
+                for i in members[1:]:
+                    self.keep[i] = False
+                    result.near_dups += 1
+        return result
+
+
 def deduplicate(texts: list[str], threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
                 bands: int = 0, rows: int = 0, exact: bool = True, near: bool = True, seed: int = 0,
                 batch: int = 2048, spill_dir: str | Path | None = None) -> DedupResult:
-    """Decide which documents to keep. `spill_dir` keeps signatures in a memory-mapped file."""
-    n = len(texts)
-    keep = [True] * n
-    result = DedupResult(keep=keep)
-    if exact:
-        seen: set[bytes] = set()
-        for i, t in enumerate(texts):
-            k = exact_key(t)
-            if k in seen:
-                keep[i] = False
-                result.exact_dups += 1
-            else:
-                seen.add(k)
-    if not near or n < 2:
-        return result
-    if not bands:
-        bands, rows = optimal_bands(num_perm, threshold)
-    live = [i for i in range(n) if keep[i]]
-    hasher = MinHasher(num_perm=num_perm, ngram=ngram, seed=seed)
-    if spill_dir:
-        Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        sig = np.lib.format.open_memmap(Path(spill_dir) / "signatures.npy", mode="w+",
-                                        dtype=np.uint32, shape=(len(live), num_perm))
-    else:
-        sig = np.empty((len(live), num_perm), dtype=np.uint32)
-    for s in range(0, len(live), batch):
-        sig[s:s + batch] = hasher.signatures([texts[i] for i in live[s:s + batch]])
-
-    pairs = lsh_pairs(sig, bands, rows)
-    result.candidate_pairs = len(pairs)
-    uf = UnionFind(len(live))
-    if pairs:
-        arr = np.array(sorted(pairs), dtype=np.int64)
-        est = np.empty(len(arr))
-        for s in range(0, len(arr), 65536):  # verify in chunks: estimated Jaccard per pair
-            a, b = arr[s:s + 65536, 0], arr[s:s + 65536, 1]
-            est[s:s + 65536] = (sig[a] == sig[b]).mean(axis=1)
-        verified = arr[est >= threshold]
-        result.verified_pairs = len(verified)
-        for a, b in verified.tolist():
-            uf.union(a, b)
-    groups: dict[int, list[int]] = {}
-    for j in range(len(live)):
-        groups.setdefault(uf.find(j), []).append(live[j])
-    for members in groups.values():
-        if len(members) > 1:
-            result.clusters.append(members)
-            for i in members[1:]:
-                keep[i] = False
-                result.near_dups += 1
-    return result
+    """Decide which documents to keep (the in-memory form of `Deduplicator`)."""
+    d = Deduplicator(threshold, num_perm, ngram, bands, rows, exact, near, seed, spill_dir)
+    for s in range(0, len(texts), batch):
+        d.add(texts[s:s + batch])
+    return d.finish()
 
 
 def jaccard(a: str, b: str, ngram: int = 5) -> float:

@@ -1,7 +1,12 @@
 """`scratchlm prepare`: raw corpus -> cleaned, deduplicated, tokenized train/val shards.
 
-    read -> clean/filter -> deduplicate -> decontaminate -> split by document
-         -> train (or load) the tokenizer -> encode in parallel -> shards + index.json
+    read -> clean/filter -> deduplicate -> decontaminate -> split into train/val
+         -> train (or load) the tokenizer -> encode -> shards + index.json
+
+It streams: the corpus is read once to decide what to keep, once to place each document in
+train or val, once to train the tokenizer and once to encode. Between passes we keep a few bytes
+per document (a hash, a MinHash signature row), never the text, so a corpus larger than memory
+prepares. Settings come from the `[data]` and `[tokenizer]` config sections.
 """
 
 from __future__ import annotations
@@ -9,161 +14,221 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from scratchlm.atomic import staged_dir
+from scratchlm.config import DataConfig, TokenizerConfig
 from scratchlm.data.clean import CleanStats, QualityFilter, clean_document
-from scratchlm.data.dedup import deduplicate
+from scratchlm.data.dedup import Deduplicator
 from scratchlm.data.shards import FORMAT, INDEX, VERSION, ShardWriter, dtype_for_vocab
 from scratchlm.data.sources import ReadOptions, iter_documents
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
 
-
-@dataclass
-class PrepareOptions:
-    corpus: str = "builtin"
-    out: str = "data/builtin"
-    text_field: str = "text"
-    on_bad_record: str = "stop"
-    tokenizer: str = ""              # existing tokenizer dir; empty = train one
-    vocab_size: int = 4096
-    pattern: str = "gpt4"
-    val_fraction: float = 0.05
-    dedup: bool = True
-    near_threshold: float = 0.8
-    min_chars: int = 32
-    max_docs: int = 0
-    max_chars: int = 0
-    decontaminate: list[str] = field(default_factory=list)  # eval files to check against
-    drop_contaminated: bool = False
-    overwrite: bool = False
-    seed: int = 0
+MIN_DOCS_FOR_DOCUMENT_SPLIT = 20  # fewer documents (one big file, say): split contiguous spans instead
+SPANS_PER_CORPUS = 40             # ...about this many, so val gets whole spans and train the rest
+BATCH = 256                       # documents per batch in every pass
 
 
-def _split_key(text: str, seed: int) -> str:
-    return hashlib.sha1(f"{seed}:".encode() + text.encode("utf-8")).hexdigest()
+def split_key(text: str, seed: int) -> int:
+    """Where a document goes is decided by its content hash alone: independent of input order."""
+    return int.from_bytes(hashlib.sha1(f"{seed}:".encode() + text.encode("utf-8")).digest()[:8], "big")
 
 
-def _blocks(text: str, target_chars: int = 8000) -> list[str]:
-    """Cut a long document into paragraph-aligned blocks (used only to split tiny corpora)."""
-    out, cur = [], []
-    size = 0
-    for para in text.split("\n\n"):
-        cur.append(para)
-        size += len(para)
-        if size >= target_chars:
-            out.append("\n\n".join(cur) + "\n")
-            cur, size = [], 0
-    if cur:
-        out.append("\n\n".join(cur))
-    return out
+def cut_spans(text: str, target_chars: int) -> list[str]:
+    """Cut a text into contiguous spans of about `target_chars`, at a paragraph break if there is
+    one near the cut, else a line break, else a space. The spans concatenate back to the text."""
+    spans, start = [], 0
+    while len(text) - start > 1.5 * target_chars:
+        lo, hi = start + target_chars // 2, start + 3 * target_chars // 2
+        cut = -1
+        for sep in ("\n\n", "\n", " "):
+            cut = text.rfind(sep, lo, hi)
+            if cut != -1:
+                cut += len(sep)
+                break
+        if cut == -1:
+            cut = start + target_chars
+        spans.append(text[start:cut])
+        start = cut
+    spans.append(text[start:])
+    return [s for s in spans if s.strip()]
+
+
+def val_mask(keys: list[int], val_fraction: float) -> np.ndarray:
+    """The units with the smallest keys go to val: round(n * val_fraction) of them, at least one."""
+    n = len(keys)
+    mask = np.zeros(n, dtype=bool)
+    if n >= 2 and val_fraction > 0:
+        n_val = min(max(1, round(n * val_fraction)), n - 1)
+        mask[np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")[:n_val]] = True
+    return mask
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic train/val split by document: the documents with the smallest content hashes
-    go to val. Independent of input order; at least one val document when there are two or more.
-    A corpus of fewer than 20 documents (one big text file, say) is split by paragraph blocks."""
-    if len(docs) < 20:
-        docs = [b for d in docs for b in _blocks(d)]
-    if len(docs) < 2 or val_fraction <= 0:
-        return docs, []
-    n_val = max(1, round(len(docs) * val_fraction))
-    ranked = sorted(range(len(docs)), key=lambda i: _split_key(docs[i], seed))
-    val_ids = set(ranked[:n_val])
-    train = [d for i, d in enumerate(docs) if i not in val_ids]
-    val = [d for i, d in enumerate(docs) if i in val_ids]
-    return train, val
+    """The split `prepare` makes, for a list in memory: by document when there are enough of them,
+    else by contiguous spans (see `cut_spans`)."""
+    if len(docs) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
+        target = max(sum(map(len, docs)) // SPANS_PER_CORPUS, 200)
+        docs = [s for d in docs for s in cut_spans(d, target)]
+    mask = val_mask([split_key(d, seed) for d in docs], val_fraction)
+    return [d for d, v in zip(docs, mask) if not v], [d for d, v in zip(docs, mask) if v]
 
 
-def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict:
-    out = Path(opts.out)
-    if (out / INDEX).exists() and not opts.overwrite:
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, seed: int = 0,
+            overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    out = Path(out)
+    if (out / INDEX).exists() and not overwrite:
         raise UserError(f"{out} already holds a prepared dataset; pass --overwrite or choose another --out")
-    if out.exists() and any(out.iterdir()) and not (out / INDEX).exists() and not opts.overwrite:
+    if out.exists() and any(out.iterdir()) and not (out / INDEX).exists() and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose another --out")
+    if not 0 <= data.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {data.val_fraction}")
     t0 = time.time()
-    stats: dict = {"corpus": opts.corpus}
+    stats: dict = {"corpus": data.corpus}
+    qf = QualityFilter(min_chars=data.min_chars)
+    read = ReadOptions(data.text_field, data.on_bad_record)
 
-    # 1. read + clean
-    qf = QualityFilter(min_chars=opts.min_chars)
-    cstats = CleanStats()
-    docs: list[str] = []
-    total_chars = 0
-    for doc in iter_documents(opts.corpus, ReadOptions(opts.text_field, opts.on_bad_record)):
-        text = clean_document(doc.text, qf, cstats)
-        if text is None:
-            continue
-        docs.append(text)
-        total_chars += len(text)
-        if (opts.max_docs and len(docs) >= opts.max_docs) or (opts.max_chars and total_chars >= opts.max_chars):
-            break
-    stats["clean"] = asdict(cstats)
-    removed = ", ".join(f"{k}: {v['docs']}" for k, v in cstats.removed.items())
-    log(f"read {cstats.docs_in} documents ({cstats.bytes_in / 1e6:.2f} MB), kept {cstats.docs_out} after "
-        f"cleaning ({removed or 'none removed'})")
-    if not docs:
-        raise UserError(f"no documents left after cleaning {opts.corpus} (all empty or filtered out); "
-                        "check the corpus or lower --min-chars")
+    def cleaned(cstats: CleanStats | None = None) -> Iterator[str]:
+        """The corpus after cleaning and the size caps: the same sequence on every pass."""
+        cstats = cstats or CleanStats()
+        n = chars = 0
+        for doc in iter_documents(data.corpus, read):
+            cstats.bad_bytes += doc.bad_bytes
+            text = clean_document(doc.text, qf, cstats)
+            if text is None:
+                continue
+            yield text
+            n, chars = n + 1, chars + len(text)
+            if (data.max_docs and n >= data.max_docs) or (data.max_chars and chars >= data.max_chars):
+                return
 
-    # 2. deduplicate
-    if opts.dedup:
-        res = deduplicate(docs, threshold=opts.near_threshold, seed=opts.seed)
-        docs = [d for d, k in zip(docs, res.keep) if k]
-        stats["dedup"] = res.report()
-        log(f"dedup: {res.exact_dups} exact and {res.near_dups} near duplicates removed "
-            f"({len(res.clusters)} near-dup clusters), {len(docs)} documents left")
+    with staged_dir(out, replace=overwrite) as tmp:
+        # 1. read + clean + deduplicate: per document, an exact-match hash and a MinHash signature
+        cstats = CleanStats()
+        dedup = Deduplicator(threshold=data.near_dedup_threshold, near=data.dedup, exact=data.dedup,
+                             seed=seed, spill_dir=tmp / ".dedup")
+        lengths: list[int] = []
+        for batch in _batched(cleaned(cstats), BATCH):
+            dedup.add(batch)
+            lengths.extend(map(len, batch))
+        stats["clean"] = asdict(cstats)
+        removed = ", ".join(f"{k}: {v['docs']}" for k, v in cstats.removed.items())
+        log(f"read {cstats.docs_in} documents ({cstats.bytes_in / 1e6:.2f} MB), kept {cstats.docs_out} after "
+            f"cleaning ({removed or 'none removed'})")
+        if cstats.bad_bytes:
+            log(f"warning: {cstats.bad_bytes:,} undecodable byte sequences (not UTF-8) were replaced by U+FFFD")
+        if not cstats.docs_out:
+            raise UserError(f"no documents left after cleaning {data.corpus} (all empty or filtered out); "
+                            "check the corpus or lower data.min_chars (--min-chars)")
+        res = dedup.finish()
+        keep = res.keep
+        (tmp / ".dedup" / "signatures.u32").unlink(missing_ok=True)
+        (tmp / ".dedup").rmdir()
+        if data.dedup:
+            stats["dedup"] = res.report()
+            log(f"dedup: {res.exact_dups} exact and {res.near_dups} near duplicates removed "
+                f"({len(res.clusters)} near-dup clusters), {sum(keep)} documents left")
 
-    # 3. decontaminate
-    if opts.decontaminate:
-        from scratchlm.data.decontam import Decontaminator, load_eval_texts
-        rep = Decontaminator(load_eval_texts(opts.decontaminate)).check(docs)
-        stats["decontamination"] = rep.to_dict()
-        log(f"decontamination: {len(rep.flagged)} documents share 13-grams with eval sets "
-            + ("(dropped)" if opts.drop_contaminated else "(kept; --drop-contaminated removes them)"))
-        if opts.drop_contaminated:
-            flagged = set(rep.flagged)
-            docs = [d for i, d in enumerate(docs) if i not in flagged]
+        # 2. decontaminate and place each unit (a document, or a span of a few-document corpus)
+        contam = None
+        if data.decontaminate:
+            from scratchlm.data.decontam import Decontaminator, load_eval_texts
+            contam = Decontaminator(load_eval_texts(data.decontaminate))
+            report = contam.new_report()
+        n_kept = sum(keep)
+        by_span = n_kept < MIN_DOCS_FOR_DOCUMENT_SPLIT
+        span_chars = max(sum(n for n, k in zip(lengths, keep) if k) // SPANS_PER_CORPUS, 200) if by_span else 0
+        dropped: set[int] = set()
 
-    # 4. split
-    train_docs, val_docs = split_documents(docs, opts.val_fraction, opts.seed)
-    if not train_docs:
-        raise UserError("no training documents left; give a bigger corpus")
+        def kept_docs() -> Iterator[tuple[int, str]]:
+            i = 0
+            for batch in _batched(cleaned(), BATCH):
+                for text in batch:
+                    if keep[i] and i not in dropped:
+                        yield i, text
+                    i += 1
 
-    # 5. tokenizer
-    if opts.tokenizer:
-        tok = Tokenizer.load(opts.tokenizer)
-    else:
+        def units() -> Iterator[str]:
+            for _, text in kept_docs():
+                yield from (cut_spans(text, span_chars) if by_span else [text])
+
+        if contam is not None:
+            for batch in _batched(kept_docs(), BATCH):
+                before = len(report.flagged)
+                contam.check([t for _, t in batch], report)
+                hits = report.flagged[before:]
+                report.flagged[before:] = [batch[j][0] for j in hits]  # batch positions -> document ids
+            stats["decontamination"] = report.to_dict()
+            log(f"decontamination: {len(report.flagged)} documents share {contam.ngram}-grams with eval sets "
+                + ("(dropped)" if data.drop_contaminated else "(kept; --drop-contaminated removes them)"))
+            if data.drop_contaminated:
+                dropped = set(report.flagged)
+        keys = [split_key(u, seed) for u in units()]
+        is_val = val_mask(keys, data.val_fraction)
+        if data.val_fraction > 0 and not is_val.any():
+            raise UserError(f"{data.corpus} is too small to hold out a validation split ({len(keys)} "
+                            f"{'span' if by_span else 'document'} after cleaning); give more text, or set "
+                            "data.val_fraction=0 to train without validation")
+        if is_val.all() or not keys:
+            raise UserError("no training documents left; give a bigger corpus")
+        del keys
+
+        def split_units(want_val: bool) -> Iterator[str]:
+            for u, v in zip(units(), is_val):
+                if v == want_val:
+                    yield u
+
+        # 3. tokenizer
+        if tokenizer.path:
+            tok = Tokenizer.load(tokenizer.path)
+        else:
+            t = time.time()
+            tok = Tokenizer.train(split_units(False), tokenizer.vocab_size, pattern=tokenizer.pattern, num_workers=2)
+            log(f"trained a {tok.vocab_size}-token BPE tokenizer in {time.time() - t:.1f}s")
+        dtype = dtype_for_vocab(tok.vocab_size)
+
+        # 4. encode + write; the directory is renamed into place only when complete
         t = time.time()
-        tok = Tokenizer.train(train_docs, opts.vocab_size, pattern=opts.pattern, num_workers=2)
-        log(f"trained a {tok.vocab_size}-token BPE tokenizer in {time.time() - t:.1f}s")
-    dtype = dtype_for_vocab(tok.vocab_size)
-
-    # 6. encode + write, all inside a staged directory renamed into place at the end
-    t = time.time()
-    with staged_dir(out, replace=opts.overwrite) as tmp:
-        splits = {}
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            w = ShardWriter(tmp, split, dtype, tok.eot_id)
-            for s in range(0, len(split_docs), 256):
-                for ids in tok.encode_batch(split_docs[s:s + 256]):
-                    w.add(ids)
-            splits[split] = w.close()
-            splits[split]["bytes"] = sum(len(d.encode("utf-8")) for d in split_docs)
+        writers = {"train": ShardWriter(tmp, "train", dtype, tok.eot_id, data.shard_tokens),
+                   "val": ShardWriter(tmp, "val", dtype, tok.eot_id, data.shard_tokens)}
+        nbytes = {"train": 0, "val": 0}
+        for batch in _batched(zip(units(), is_val), BATCH):
+            for (text, v), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
+                split = "val" if v else "train"
+                writers[split].add(ids)
+                nbytes[split] += len(text.encode("utf-8"))
+        splits = {name: {**w.close(), "bytes": nbytes[name]} for name, w in writers.items()}
         tok.save(tmp / "tokenizer")
+        options = {"data": asdict(data), "tokenizer": asdict(tokenizer), "seed": seed}
         index = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-                 "eot_id": tok.eot_id, "tokenizer_fingerprint": tok.fingerprint, "sources": [opts.corpus],
-                 "splits": splits, "stats": stats, "options": asdict(opts)}
+                 "eot_id": tok.eot_id, "tokenizer_fingerprint": tok.fingerprint, "sources": [data.corpus],
+                 "split_by": "span" if by_span else "document", "splits": splits, "stats": stats, "options": options}
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
     secs = time.time() - t0
     mb = sum(s["bytes"] for s in splits.values()) / 1e6
     summary = {"out": str(out), "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
-               "train_docs": len(train_docs), "val_docs": len(val_docs), "seconds": round(secs, 2),
+               "train_docs": splits["train"]["documents"], "val_docs": splits["val"]["documents"],
+               "split_by": index["split_by"], "seconds": round(secs, 2),
                "MB_per_s": round(mb / max(time.time() - t, 1e-9), 2),
                "bytes_per_token": round(mb * 1e6 / max(splits["train"]["tokens"] + splits["val"]["tokens"], 1), 3)}
+    unit = "spans" if by_span else "documents"
     log(f"wrote {out}: {summary['train_tokens']:,} train / {summary['val_tokens']:,} val tokens "
-        f"({summary['train_docs']} / {summary['val_docs']} documents), {summary['bytes_per_token']} bytes/token, "
+        f"({summary['train_docs']} / {summary['val_docs']} {unit}), {summary['bytes_per_token']} bytes/token, "
         f"{secs:.1f}s")
     return summary

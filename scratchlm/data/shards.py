@@ -85,10 +85,70 @@ def read_index(directory: str | Path) -> dict:
     return index
 
 
-def load_split(directory: str | Path, split: str) -> np.ndarray:
-    """All tokens of a split as one array (memory-mapped: O(1) memory until touched)."""
+def check_tokenizer(directory: str | Path, index: dict, tokenizer) -> None:
+    """Token ids only mean something under the tokenizer that made them: refuse any other."""
+    made_by = index.get("tokenizer_fingerprint")
+    if made_by != tokenizer.fingerprint:
+        raise UserError(f"dataset {directory} was tokenized by another tokenizer (fingerprint {made_by}) than this "
+                        f"model's ({tokenizer.fingerprint}); prepare the data with the model's tokenizer: "
+                        "scratchlm prepare --tokenizer RUN/tokenizer ...")
+
+
+class ShardedTokens:
+    """A split's shards as one read-only token sequence, without joining them into one array.
+
+    Indexing and slicing read only the shards they touch (each one memory-mapped), so a split
+    larger than memory costs nothing until read, and every DDP rank shares the page cache instead
+    of holding a copy. `np.asarray(x)` does join them: use it only for small splits.
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.dtype = parts[0].dtype
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("ShardedTokens supports contiguous slices only")
+            pieces = []
+            k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+            while start < stop:
+                lo = start - self.offsets[k]
+                hi = min(stop, self.offsets[k + 1]) - self.offsets[k]
+                pieces.append(self.parts[k][lo:hi])
+                start += hi - lo
+                k += 1
+            if not pieces:
+                return np.zeros(0, dtype=self.dtype)
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        i = int(key) + (n if int(key) < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(key)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k][i - self.offsets[k]]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.parts)
+        return out.astype(dtype) if dtype is not None else out
+
+
+def load_split(directory: str | Path, split: str, tokenizer=None) -> np.ndarray | ShardedTokens:
+    """All tokens of a split, memory-mapped (O(1) memory until touched): one array for one shard,
+    a `ShardedTokens` view for several. With `tokenizer`, first check that it made the shards."""
     directory = Path(directory)
     index = read_index(directory)
+    if tokenizer is not None:
+        check_tokenizer(directory, index, tokenizer)
     if split not in index["splits"]:
         raise UserError(f"dataset {directory} has no {split!r} split")
     dtype = np.dtype(index["dtype"])
@@ -101,4 +161,4 @@ def load_split(directory: str | Path, split: str) -> np.ndarray:
         parts.append(np.memmap(path, dtype=dtype, mode="r"))
     if not parts:
         return np.zeros(0, dtype=dtype)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return parts[0] if len(parts) == 1 else ShardedTokens(parts)

@@ -32,6 +32,7 @@ ALL_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"}
 class Document:
     text: str
     source: str  # where it came from: "path", "path:line", "kjv:Genesis 1", ...
+    bad_bytes: int = 0  # undecodable byte sequences replaced by U+FFFD while reading
 
 
 @dataclass
@@ -39,6 +40,11 @@ class ReadOptions:
     text_field: str = "text"
     on_bad_record: str = "stop"   # stop | skip
     cache_dir: str = ""           # for URL downloads; default ~/.cache/scratchlm
+
+
+# Formats we recognise but cannot read as a corpus: refusing beats reading a table as prose.
+REFUSED_SUFFIXES = {".csv": "a table", ".tsv": "a table", ".xlsx": "a spreadsheet", ".zip": "an archive",
+                    ".tar": "an archive", ".bz2": "bzip2-compressed", ".xz": "xz-compressed", ".pdf": "a PDF"}
 
 
 def _inner_suffix(path: Path) -> str:
@@ -56,54 +62,78 @@ def _open_binary(path: Path) -> IO[bytes]:
             import zstandard
         except ImportError:
             raise UserError(f"{path} is zstd-compressed: pip install zstandard") from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+        # BufferedReader gives the stream reader line iteration, which it lacks on its own
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
-def _open_text(path: Path) -> IO[str]:
-    # utf-8-sig drops a byte-order mark; undecodable bytes become U+FFFD rather than a crash,
-    # and we count them so the user hears about it (see read_text_file).
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="replace", newline=None)
+def _decode(raw: bytes) -> tuple[str, int]:
+    """UTF-8 with undecodable bytes replaced by U+FFFD (rather than a crash), and how many were."""
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # a U+FFFD already in the file is not ours
+    return text, bad
+
+
+def _read_error_types() -> tuple[type[BaseException], ...]:
+    """What a corrupt file raises while we read it: gzip and zstd have their own exception types."""
+    types: list[type[BaseException]] = [OSError, EOFError]
+    try:
+        import zstandard
+        types.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(types)
 
 
 def read_text_file(path: Path) -> Iterator[Document]:
-    with _open_text(path) as f:
-        text = f.read()
-    yield Document(text, str(path))
+    with _open_binary(path) as f:
+        raw = f.read()
+    text, bad = _decode(raw.removeprefix(b"\xef\xbb\xbf"))            # drop a byte-order mark
+    yield Document(text.replace("\r\n", "\n").replace("\r", "\n"), str(path), bad)
 
 
 def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Document]:
-    with _open_text(path) as f:
-        first = f.read(1)
-        while first and first.isspace():
-            first = f.read(1)
-        if first == "[":  # a JSON array of records
+    """JSON Lines (one record per line; error messages give the true line number), or a .json file
+    holding one array of records."""
+    with _open_binary(path) as f:
+        lines = iter(f)
+        lineno, pending = 0, []
+        for raw in lines:  # find the first non-blank line: "[" means a JSON array
+            lineno += 1
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            pending.append(raw)
+            if raw.strip():
+                break
+        if pending and pending[-1].lstrip().startswith(b"["):
+            text, bad = _decode(b"".join(pending) + b"".join(lines))
             try:
-                records = json.loads(first + f.read())
+                records = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: not valid JSON ({e})") from None
             for i, rec in enumerate(records):
-                doc = _record_text(rec, path, i + 1, opts)
+                doc = _record_text(rec, path, i + 1, opts, bad if i == 0 else 0)
                 if doc is not None:
                     yield doc
             return
-        for lineno, line in enumerate(itertools.chain([first + f.readline()], f), start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(itertools.chain(pending, lines), start=1):
+            if not raw.strip():
                 continue
+            line, bad = _decode(raw)
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 if opts.on_bad_record == "skip":
                     continue
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix it or pass --on-bad-record skip") from None
-            doc = _record_text(rec, path, lineno, opts)
+            doc = _record_text(rec, path, lineno, opts, bad)
             if doc is not None:
                 yield doc
 
 
-def _record_text(rec, path: Path, lineno: int, opts: ReadOptions) -> Document | None:
+def _record_text(rec, path: Path, lineno: int, opts: ReadOptions, bad_bytes: int = 0) -> Document | None:
     if isinstance(rec, dict) and isinstance(rec.get(opts.text_field), str):
-        return Document(rec[opts.text_field], f"{path}:{lineno}")
+        return Document(rec[opts.text_field], f"{path}:{lineno}", bad_bytes)
     if opts.on_bad_record == "skip":
         return None
     keys = ", ".join(rec.keys()) if isinstance(rec, dict) else type(rec).__name__
@@ -177,7 +207,12 @@ def expand(corpus: str) -> list[Path]:
     elif p.is_dir():
         files = sorted(x for x in p.rglob("*") if x.is_file())
     elif p.exists():
-        return [p]
+        files = [p]
+        kind = REFUSED_SUFFIXES.get(_inner_suffix(p).lower())
+        if kind:
+            raise UserError(f"{corpus} is {kind}, not a text corpus; convert it to .txt or to JSONL with a "
+                            f"text field (see --text-field)")
+        return files
     else:
         raise UserError(f"corpus {corpus} not found; give a file, directory, glob, URL or 'builtin'")
     files = [f for f in files if _inner_suffix(f) in ALL_SUFFIXES and not f.name.startswith(".")]
@@ -213,5 +248,5 @@ def iter_documents(corpus: str, opts: ReadOptions | None = None) -> Iterator[Doc
                 yield from read_parquet(path, opts)
             else:
                 yield from read_text_file(path)
-        except (OSError, EOFError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
+        except _read_error_types() as e:
+            raise UserError(f"cannot read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None

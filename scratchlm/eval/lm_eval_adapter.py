@@ -5,31 +5,38 @@
 
 (the module registers the class, then hands its arguments to lm-eval's own CLI). Task YAMLs can
 point at local files (`dataset_path: json`, `dataset_kwargs: {data_files: ...}`), so it runs
-offline. The scoring is the very same code our own `scratchlm eval` uses.
+offline. lm-eval's `TemplateLM` splits each request into context and continuation tokens (its
+own rules); we only score token ids, with the batched scorer `scratchlm eval` uses.
 """
 
 from __future__ import annotations
 
 import sys
 
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from scratchlm.eval.multiple_choice import encode_pair, loglikelihoods
+from scratchlm.eval.multiple_choice import loglikelihoods
 from scratchlm.generate import SamplingConfig, generate
 from scratchlm.train.checkpoint import load_for_inference
 
 
 @register_model("scratchlm")
-class ScratchLM(LM):
+class ScratchLM(TemplateLM):
     def __init__(self, ckpt: str, device: str = "auto", batch_size: int | str = 16, **kwargs):
         super().__init__()
         self.model, self.tok, _ = load_for_inference(ckpt, device=device)
         self.batch_size_ = int(batch_size) if str(batch_size).isdigit() else 16
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [encode_pair(self.tok, *req.args) for req in requests]
-        return loglikelihoods(self.model, pairs, batch_size=self.batch_size_)
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eot_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tok.encode_ordinary(string)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        return loglikelihoods(self.model, [(ctx, cont) for _, ctx, cont in requests], batch_size=self.batch_size_)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-text log-likelihood: windows of the context length, each token scored once,

@@ -188,3 +188,18 @@ def encode_prompt_response(tok, template: Template, prompt_messages: list[dict],
     check_tokenizer(tok, template)
     prompt_ids = tok.encode(template.prompt(prompt_messages), allowed_special="all")
     return prompt_ids, tok.encode_ordinary(response) + [tok.special_tokens[template.end_token]]
+
+
+def task_prompts(task: dict, tok, texts: list[str], raw: bool = False) -> tuple[list[str], list[int]]:
+    """What `generate` feeds a checkpoint, given its task metadata (meta["state"]["task"]): an SFT
+    (or DPO) run's prompts wrapped in its stored template as one user turn, and its end token as the stop
+    token; any other language model's prompts as they are, stopping at <|endoftext|>."""
+    kind = task.get("kind", "pretrain")
+    if kind == "classify":
+        raise UserError("this checkpoint is a classifier; use `scratchlm classify --ckpt ... TEXT`")
+    if kind not in ("sft", "dpo") or raw or not task.get("template"):
+        return list(texts), [tok.eot_id]
+    template = get_template(task["template"])
+    check_tokenizer(tok, template)
+    stops = sorted({tok.special_tokens[template.end_token], tok.eot_id})
+    return [template.prompt([{"role": "user", "content": t}]) for t in texts], stops

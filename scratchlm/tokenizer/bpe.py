@@ -24,18 +24,20 @@ import heapq
 import json
 import multiprocessing as mp
 import os
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Collection, Iterable, Literal
+from typing import Collection, Iterable, Literal, Mapping
 
 import regex
 
 from scratchlm.errors import UserError
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-4's pre-tokenizer: exactly tiktoken's cl100k_base pat_str (tested against it), including
+# `\s++$`, which keeps the whitespace at the very end of a text as one chunk.
 GPT4_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
@@ -45,6 +47,7 @@ DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, "<|pad|>", "<|system|>", "<|user|>", "<|ass
 
 FORMAT_NAME = "scratchlm-bpe"
 FORMAT_VERSION = 1
+VOCAB_FORMAT_VERSION = 2  # an explicit vocabulary (imported tokenizers) instead of merges over bytes 0..255
 FILE_NAME = "tokenizer.scratchlm.json"
 
 
@@ -64,13 +67,33 @@ def _clean_text(text: str) -> str:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def _count_batch(args: tuple[list[str], str]) -> Counter:
+def _count_batch(args: tuple[list[str], str]) -> tuple[Counter, int, int, str]:
+    """Chunk counts of a batch, its length in characters, how many of those the chunks cover,
+    and the first piece of text the pattern skips (empty if none)."""
     texts, pattern = args
     compiled = regex.compile(pattern)
     counts: Counter = Counter()
+    total = covered = 0
+    lost = ""
     for text in texts:
-        counts.update(compiled.findall(_clean_text(text)))
-    return counts
+        text = _clean_text(text)
+        chunks = compiled.findall(text)
+        counts.update(chunks)
+        n = sum(map(len, chunks))
+        total += len(text)
+        covered += n
+        if n < len(text) and not lost:
+            lost = _first_gap(compiled, text)
+    return counts, total, covered, lost
+
+
+def _first_gap(compiled, text: str) -> str:
+    pos = 0
+    for m in compiled.finditer(text):
+        if m.start() > pos:
+            return text[pos:m.start()][:20]
+        pos = m.end()
+    return text[pos:pos + 20]
 
 
 def _batched(texts: Iterable[str], batch_bytes: int) -> Iterable[list[str]]:
@@ -87,18 +110,51 @@ def _batched(texts: Iterable[str], batch_bytes: int) -> Iterable[list[str]]:
 
 
 def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Counter:
-    """Count each distinct pre-token chunk once. Streams: memory grows with distinct chunks only."""
+    """Count each distinct pre-token chunk once. Streams: memory grows with distinct chunks only
+    (at most two batches per worker are in flight). Refuses a pattern that skips characters: they
+    would silently vanish from every encoded text."""
     batches = ((b, pattern) for b in _batched(texts, 1 << 20))
+    total: Counter = Counter()
+    chars = covered = 0
+    lost = ""
+
+    def absorb(result: tuple[Counter, int, int, str]) -> None:
+        nonlocal chars, covered, lost
+        counts, n, c, gap = result
+        total.update(counts)
+        chars, covered, lost = chars + n, covered + c, lost or gap
+
     if num_workers <= 1:
-        total: Counter = Counter()
         for b in batches:
-            total.update(_count_batch(b))
-        return total
-    total = Counter()
-    with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(num_workers) as pool:
-        for counts in pool.imap_unordered(_count_batch, batches):
-            total.update(counts)
+            absorb(_count_batch(b))
+    else:
+        with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(num_workers) as pool:
+            pending: deque = deque()
+            for b in batches:
+                pending.append(pool.apply_async(_count_batch, (b,)))
+                if len(pending) >= 2 * num_workers:
+                    absorb(pending.popleft().get())
+            while pending:
+                absorb(pending.popleft().get())
+    if covered < chars:
+        raise UserError(f"the pre-tokenizer pattern skips {chars - covered:,} of {chars:,} characters "
+                        f"({100 * (chars - covered) / chars:.2f}%, e.g. {lost!r}), which encoding would lose; "
+                        r"add an alternative that matches the rest, e.g. end the pattern with |\s+|.")
     return total
+
+
+def resolve_pattern(pattern: str) -> str:
+    """A pattern name (gpt2, gpt4) or a regex, checked: it must compile, and a bare word that is
+    not a known name is a typo (as a regex, "gpt3" would match almost nothing)."""
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    if regex.fullmatch(r"[A-Za-z0-9_-]+", pattern):
+        raise UserError(f"unknown pre-tokenizer pattern {pattern!r}; use {', '.join(PATTERNS)} or a regex")
+    try:
+        regex.compile(pattern)
+    except regex.error as e:
+        raise UserError(f"pre-tokenizer pattern {pattern!r} is not a valid regex ({e})") from None
+    return pattern
 
 
 def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]]:
@@ -191,20 +247,41 @@ def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]
 # ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    """A trained byte-level BPE tokenizer: merges + pre-tokenizer pattern + special tokens."""
+    """A trained byte-level BPE tokenizer: merges + pre-tokenizer pattern + special tokens.
+
+    A tokenizer trained here has the bytes as ids 0..255 and merges from 256. One imported from
+    elsewhere (GPT-2's puts the bytes in another order) is given as `vocab` instead: the bytes of
+    every ordinary token, id = position, its id also its merge rank (the tiktoken convention).
+    Special tokens follow the ordinary ones, in order or at the ids a mapping gives them."""
 
     def __init__(self, merges: list[tuple[int, int]], pattern: str = GPT4_PATTERN,
-                 special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS):
+                 special_tokens: Collection[str] | Mapping[str, int] = DEFAULT_SPECIAL_TOKENS, *,
+                 vocab: list[bytes] | None = None, eot_token: str = ENDOFTEXT):
         self.pattern = pattern
-        self.merges = [tuple(m) for m in merges]
-        self.vocab: list[bytes] = [bytes([i]) for i in range(256)]
-        for a, b in self.merges:
-            self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.eot_token = eot_token  # the document separator; imported tokenizers may name it otherwise
+        self.custom_vocab = vocab is not None
+        if vocab is None:
+            self.merges = [tuple(m) for m in merges]
+            self.vocab: list[bytes] = [bytes([i]) for i in range(256)]
+            for a, b in self.merges:
+                self.vocab.append(self.vocab[a] + self.vocab[b])
+        else:
+            self.merges, self.vocab = [], [bytes(b) for b in vocab]
+            missing = set(range(256)) - {b[0] for b in self.vocab if len(b) == 1}
+            if missing:
+                raise UserError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens, so it is not "
+                                f"byte-level BPE (some text could not be encoded)")
         self.rank = {tok: i for i, tok in enumerate(self.vocab)}
         if len(self.rank) != len(self.vocab):
             raise UserError("tokenizer has two tokens with the same bytes; retrain it with scratchlm")
         n = len(self.vocab)
-        self.special_tokens: dict[str, int] = {s: n + i for i, s in enumerate(special_tokens)}
+        if isinstance(special_tokens, Mapping):
+            self.special_tokens: dict[str, int] = dict(special_tokens)
+            if sorted(self.special_tokens.values()) != list(range(n, n + len(self.special_tokens))):
+                raise UserError(f"special token ids must be {n}..{n + len(self.special_tokens) - 1}, right after "
+                                f"the {n} ordinary tokens; got {sorted(self.special_tokens.values())[:4]}...")
+        else:
+            self.special_tokens = {s: n + i for i, s in enumerate(special_tokens)}
         self._compiled = regex.compile(pattern)
         self._special_re = (
             regex.compile("|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)))
@@ -219,7 +296,7 @@ class Tokenizer:
               special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS, min_frequency: int = 1,
               num_workers: int = 0) -> "Tokenizer":
         """Learn `vocab_size - 256 - len(special_tokens)` merges from `texts` (any iterable)."""
-        pattern = PATTERNS.get(pattern, pattern)
+        pattern = resolve_pattern(pattern)
         num_merges = vocab_size - 256 - len(special_tokens)
         if num_merges < 0:
             raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
@@ -239,7 +316,7 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
-        return self.special_tokens[ENDOFTEXT]
+        return self.special_tokens[self.eot_token]
 
     def token_to_id(self, token: str) -> int:
         if token in self.special_tokens:
@@ -359,7 +436,7 @@ class Tokenizer:
 
     # --- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "pattern": self.pattern,
@@ -367,6 +444,13 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "merges": [list(m) for m in self.merges],
         }
+        if self.custom_vocab:  # version 2: the tokens themselves, as GPT-2's printable byte strings
+            from scratchlm.tokenizer.hf_export import bytes_to_unicode
+            b2u = bytes_to_unicode()
+            d["version"] = VOCAB_FORMAT_VERSION
+            d["eot_token"] = self.eot_token
+            d["vocab"] = ["".join(b2u[x] for x in b) for b in self.vocab]
+        return d
 
     @property
     def fingerprint(self) -> str:
@@ -379,9 +463,13 @@ class Tokenizer:
         from scratchlm.atomic import write_text
         d = self.to_dict()
         merges = d.pop("merges")
+        vocab = d.pop("vocab", None)
         head = json.dumps(d, indent=1, ensure_ascii=False)[:-2]
         lines = ",\n".join(f"  [{a}, {b}]" for a, b in merges)
-        text = head + ',\n "merges": [\n' + lines + "\n ]\n}\n"
+        text = head + ',\n "merges": [\n' + lines + "\n ]"
+        if vocab is not None:  # one token per line
+            text += ',\n "vocab": [\n' + ",\n".join("  " + json.dumps(t, ensure_ascii=False) for t in vocab) + "\n ]"
+        text += "\n}\n"
         path = Path(directory) / FILE_NAME
         write_text(path, text)
         return path
@@ -398,14 +486,30 @@ class Tokenizer:
             raise UserError(f"tokenizer file {path} is corrupt ({e}); retrain it") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise UserError(f"{path} is not a scratchlm tokenizer file")
-        if d.get("version") != FORMAT_VERSION:
+        if d.get("version") not in (FORMAT_VERSION, VOCAB_FORMAT_VERSION):
             raise UserError(f"{path} has tokenizer format version {d.get('version')}, this scratchlm "
-                            f"reads version {FORMAT_VERSION}; retrain or upgrade scratchlm")
+                            f"reads versions {FORMAT_VERSION} and {VOCAB_FORMAT_VERSION}; retrain or upgrade scratchlm")
         try:
-            specials = sorted(d["special_tokens"], key=d["special_tokens"].get)
-            tok = cls([tuple(m) for m in d["merges"]], pattern=d["pattern"], special_tokens=specials)
+            if d["version"] == VOCAB_FORMAT_VERSION:
+                from scratchlm.tokenizer.hf_export import bytes_to_unicode
+                u2b = {u: b for b, u in bytes_to_unicode().items()}
+                vocab = [bytes(u2b[c] for c in t) for t in d["vocab"]]
+                tok = cls([], pattern=d["pattern"], special_tokens=dict(d["special_tokens"]), vocab=vocab,
+                          eot_token=d["eot_token"])
+            else:
+                specials = sorted(d["special_tokens"], key=d["special_tokens"].get)
+                tok = cls([tuple(m) for m in d["merges"]], pattern=d["pattern"], special_tokens=specials)
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise UserError(f"tokenizer file {path} is corrupt ({type(e).__name__}: {e}); retrain it") from None
         if tok.vocab_size != d.get("vocab_size") or tok.special_tokens != d["special_tokens"]:
             raise UserError(f"tokenizer file {path} is inconsistent (vocab size or special ids); retrain it")
         return tok
+
+
+def compression_stats(tok: Tokenizer, text: str) -> dict:
+    """How much shorter BPE makes a text than characters (one token per character) or bytes."""
+    bpe = len(tok.encode_ordinary(text))
+    chars, nbytes = len(text), len(text.encode("utf-8"))
+    return {"characters": chars, "bytes": nbytes, "char_level_tokens": chars, "char_vocab": len(set(text)),
+            "bpe_tokens": bpe, "ratio": round(chars / max(bpe, 1), 2),
+            "bytes_per_token": round(nbytes / max(bpe, 1), 3), "chars_per_token": round(chars / max(bpe, 1), 3)}

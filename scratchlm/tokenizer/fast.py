@@ -1,7 +1,8 @@
 """The fast encoder: our own merges run by tiktoken's Rust BPE.
 
 tiktoken merges, within each regex chunk, the adjacent pair whose concatenated bytes have the
-lowest rank — exactly the rule of our reference encoder, with rank = token id. So handing it our
+lowest rank — exactly the rule of our reference encoder, with rank = token id (for an imported
+vocabulary too: its ids are its ranks). So handing it our
 vocabulary as `mergeable_ranks` gives identical ids (the tests check this on varied text), and
 nothing is downloaded: tiktoken only fetches files when asked for a named encoding.
 """

@@ -6,6 +6,9 @@ Two details make HF's BPE give our ids:
   the token it makes; that way any pair HF could merge, we could merge too, at the same priority.
 - `ignore_merges: true`: a chunk that is itself a token maps straight to it (tiktoken does this).
 Bytes are written with GPT-2's byte→unicode table, the convention of HF's ByteLevel pieces.
+Merges are written as "left right" strings, the form every `tokenizers` release reads (the list
+form `["left", "right"]` is only read from 0.20 on); the byte→unicode table never yields a space,
+so the separator is unambiguous. `ignore_merges` needs `tokenizers` >= 0.19.
 """
 
 from __future__ import annotations
@@ -42,12 +45,11 @@ def to_hf_dict(tok: "Tokenizer") -> dict:
 
     vocab = {show(b): i for i, b in enumerate(tok.vocab)}
     merges = []
-    for token_id in range(256, len(tok.vocab)):
-        b = tok.vocab[token_id]
+    for token_id, b in enumerate(tok.vocab):  # every multi-byte token (the bytes need no merge)
         for k in range(1, len(b)):
             left, right = tok.rank.get(b[:k]), tok.rank.get(b[k:])
             if left is not None and right is not None and left < token_id and right < token_id:
-                merges.append([show(b[:k]), show(b[k:])])
+                merges.append(f"{show(b[:k])} {show(b[k:])}")
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for s, i in tok.special_tokens.items()]
     return {

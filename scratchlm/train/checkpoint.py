@@ -349,7 +349,11 @@ def load_for_inference(ckpt_dir: str | Path, device: str = "auto"):
         raise UserError(f"no tokenizer found for checkpoint {path} (looked in {tok_dir} and {dataset_tok})")
     if tok.fingerprint != state.get("tokenizer_fingerprint"):
         raise UserError(f"the tokenizer at {tok_dir} is not the one checkpoint {path} was trained with")
-    model = GPT(cfg.model)
-    load_model_weights(model, path)
+    if state["task"].get("kind", "pretrain") == "pretrain":
+        model = GPT(cfg.model)
+        load_model_weights(model, path)
+    else:  # a fine-tuned run: a classifier head, LoRA adapters on their base, ...
+        from scratchlm.finetune.base import rebuild
+        model = rebuild(cfg, state["task"], path)
     model.to(pick_device(device)).eval()
     return model, tok, {"config": cfg, "state": state, "path": str(path)}
