@@ -165,11 +165,9 @@ class GPT(nn.Module):
         N leaves out lookup tables, so an untied token embedding costs nothing)."""
         return accounting.flops_per_token(self.cfg)
 
-    def memory_estimate(self, batch_size: int, bytes_per_act: int = 4) -> dict:
+    def memory_estimate(self, batch_size: int, precision: str = "fp32") -> dict:
         """Training memory on one device: fp32 weights + grads + AdamW moments (16 B/param) plus
-        the activations of `batch_size` sequences, bf16 (bytes_per_act=2) or fp32 (4).
-        The accounting is in model/accounting.py; `scratchlm plan` adds DDP/FSDP and devices."""
-        precision = "bf16" if bytes_per_act == 2 else "fp32"
+        the activations of `batch_size` sequences (model/accounting.py; `scratchlm plan` has more)."""
         params = self.num_params() * 16
         acts = accounting.activation_bytes(self.cfg, batch_size * self.cfg.context_length, precision).total
         return {"params_bytes": params, "activations_bytes": acts, "total_bytes": params + acts}

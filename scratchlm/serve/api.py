@@ -237,7 +237,7 @@ def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
         raise UserError("serving needs FastAPI and uvicorn: pip install 'scratchlm[serve]'") from None
     from pathlib import Path
 
-    from scratchlm.train.trainer import load_for_inference
+    from scratchlm.train.checkpoint import load_for_inference
     model, tok, meta = load_for_inference(ckpt, device=device)
     fmt = ChatFormat.for_checkpoint(tok, meta)
     name = model_name or Path(ckpt).resolve().name

@@ -65,7 +65,7 @@ def _write(text: str) -> None:
 
 
 def chat(ckpt: str, device: str = "auto", **kw) -> None:
-    from scratchlm.train.trainer import load_for_inference
+    from scratchlm.train.checkpoint import load_for_inference
     model, tok, meta = load_for_inference(ckpt, device=device)
     engine = Engine(model, tok, max_batch=1, max_queue=1).start()
     try:

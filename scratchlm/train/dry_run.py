@@ -27,7 +27,7 @@ def dry_run(cfg: Config, world_size: int, vocab_size: int = 0) -> dict:
     with torch.device("meta"):  # shapes only: no memory, no time, even for a large model
         model = GPT(model_cfg)
     sharded = tc.parallel == "fsdp" and world_size > 1
-    memory = model.memory_estimate(micro, bytes_per_act=4 if tc.precision == "fp32" else 2)
+    memory = model.memory_estimate(micro, precision="fp32" if tc.precision == "fp32" else "bf16")
     weights = memory["params_bytes"] / (world_size if sharded else 1)
     return {
         "world_size": world_size,
