@@ -137,7 +137,9 @@ def device_memory(cfg: Config, counts: ParamCounts, micro_batch: int, devices: i
         communication = 4 * n
     else:
         communication = 0
-    acts = activation_bytes(cfg.model, micro_batch * cfg.model.context_length, precision, checkpointing)
+    # FSDP shards the head's weight, so the model takes the plain (logits-materialising) loss path there
+    acts = activation_bytes(cfg.model, micro_batch * cfg.model.context_length, precision, checkpointing,
+                            fused_head=shard == 1)
     return DeviceMemory(4 * n / shard, 4 * n / shard, 8 * n / shard, communication, acts, overhead)
 
 

@@ -126,7 +126,9 @@ def test_param_count_flops_memory():
     assert m.flops_per_token() == 6 * (embed + L * per_layer + d) + 12 * L * d * T
     mem = m.memory_estimate(4)
     assert mem["params_bytes"] == 16 * m.num_params()
-    assert mem["activations_bytes"] == 4 * (4 * L * (34 * T * d + 5 * 4 * T * T) + 4 * T * V * 2)
+    # activations are checked against what autograd really saves in tests/test_plan.py; here: they
+    # grow with the batch, and in bf16 they take less than in fp32
+    assert m.memory_estimate(8)["activations_bytes"] > mem["activations_bytes"] > m.memory_estimate(4, "bf16")["activations_bytes"]
 
 
 def test_bf16_training_tracks_fp32():

@@ -93,13 +93,17 @@ def test_hand_counted_memory_ddp_and_fsdp():
     # fp32 activations of one micro-batch of 8 x 16 tokens, by hand (bytes per token):
     #   per layer: 2 norms x (4*8 + 8) = 80, qkv and up inputs 2*4*8 = 64, qkv output 4*24 = 96,
     #   attention output 4*8 + log-sum-exp 4*2 = 40, GELU input and output 2*4*32 = 256 -> 536
-    #   outside: ids + targets 16, final norm 40, head input 32, log-probs 4*100 = 400 -> 488
-    assert one.activations.saved == 128 * (2 * 536 + 488)
-    assert one.activations.logits == 128 * 8 * 100 and one.activations.weight_copies == 0
+    #   outside, fused head: ids 8, final norm 40, the head input's gradient 32 -> 80,
+    #   and once: the head weight's gradient 4*100*8 = 3200; no logits alive
+    assert one.activations.saved == 128 * (2 * 536 + 80) + 3200
+    assert one.activations.logits == 0 and one.activations.weight_copies == 0
     ddp = make_plan(_cfg("train.precision=fp32"), devices=4, parallel="ddp", cpu_peak=CPU_PEAK).memory
     assert ddp.weights == 4 * n and ddp.communication == 4 * n  # a full copy, plus gradient buckets
-    assert ddp.activations.saved == 32 * (2 * 536 + 488)       # micro-batch 8 / 4 devices = 2 sequences
+    assert ddp.activations.saved == 32 * (2 * 536 + 80) + 3200  # micro-batch 8 / 4 devices = 2 sequences
     fsdp = make_plan(_cfg("train.precision=fp32"), devices=4, parallel="fsdp", cpu_peak=CPU_PEAK).memory
+    # FSDP shards the head, so the plain head runs: ids + targets 16, final norm 40, head input 32,
+    # log-probs 4*100 = 400 -> 488 saved, and the logits and their gradient alive at the loss
+    assert fsdp.activations.saved == 32 * (2 * 536 + 488) and fsdp.activations.logits == 32 * 8 * 100
     assert (fsdp.weights, fsdp.gradients, fsdp.optimizer) == (n, n, 2 * n)  # 16 B/param over 4 devices
     outside = n - 2 * 784
     assert fsdp.communication == 4 * (outside + 2 * 784) + 4 * (outside + 784)

@@ -108,16 +108,32 @@ def layer_bytes_per_token(cfg: ModelConfig, precision: str) -> int:
     return 2 * norm_bytes_per_token(cfg) + linear_inputs + attention + mlp + dropout
 
 
-def head_bytes_per_token(cfg: ModelConfig, precision: str) -> int:
-    """Outside the blocks, saved for backward: token ids and targets (int64), the final norm's
-    input, the head's input and the fp32 log-probabilities of the loss."""
+def head_bytes_per_token(cfg: ModelConfig, precision: str, fused_head: bool = True) -> int:
+    """Outside the blocks, saved for backward, per token: the token ids (int64), the final norm's
+    input, and then
+      fused head (model/gpt.py `head_cross_entropy`, the default): the gradient of the head's
+      input, computed chunk by chunk in the forward pass (the weight's gradient, a fixed V·d,
+      is counted in `head_fixed_bytes`);
+      plain head (FSDP, a LoRA-wrapped head): the targets (int64), the head's input and the fp32
+      log-probabilities of the loss."""
     a, d = act_bytes(precision), cfg.d_model
-    return 16 + norm_bytes_per_token(cfg) + a * d + 4 * cfg.vocab_size + (d if cfg.dropout > 0 else 0)
+    common = 8 + norm_bytes_per_token(cfg) + (d if cfg.dropout > 0 else 0)
+    if fused_head:
+        return common + a * d
+    return common + 8 + a * d + 4 * cfg.vocab_size
 
 
-def logits_bytes_per_token(cfg: ModelConfig, precision: str) -> int:
-    """Not saved but alive at the loss: the logits the forward returns and their fp32 gradient."""
-    return (act_bytes(precision) + 4) * cfg.vocab_size
+def head_fixed_bytes(cfg: ModelConfig, precision: str, fused_head: bool = True) -> int:
+    """The fused head keeps the output matrix's gradient (in the compute dtype) from forward to backward.
+    In bf16 that takes the place of the head's bf16 weight copy, which `weight_copies` already counts
+    (the fused head keeps the gradient instead of the copy): nothing more to add."""
+    return 4 * cfg.vocab_size * cfg.d_model if fused_head and precision != "bf16" else 0
+
+
+def logits_bytes_per_token(cfg: ModelConfig, precision: str, fused_head: bool = True) -> int:
+    """Not saved but alive at the loss: the plain head's logits and their fp32 gradient. (The fused
+    head holds only one chunk of 1,024 rows of them at a time: counted as nothing per token.)"""
+    return 0 if fused_head else (act_bytes(precision) + 4) * cfg.vocab_size
 
 
 @dataclass
@@ -132,7 +148,7 @@ class ActivationMemory:
 
 
 def activation_bytes(cfg: ModelConfig, tokens: int, precision: str,
-                     checkpointing: bool = False) -> ActivationMemory:
+                     checkpointing: bool = False, fused_head: bool = True) -> ActivationMemory:
     """Activation memory of one micro-batch of `tokens` tokens (sequences x context length).
 
     With activation checkpointing each block keeps only its fp32 input and recomputes the rest
@@ -145,7 +161,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, precision: str,
     token per layer more)."""
     counts = param_counts(cfg)
     layer = layer_bytes_per_token(cfg, precision)
-    head = head_bytes_per_token(cfg, precision)
+    head = head_bytes_per_token(cfg, precision, fused_head)
     if checkpointing:
         saved = tokens * (cfg.n_layers * 4 * cfg.d_model + layer + head)
         copies = counts.per_block + (counts.matmul - cfg.n_layers * counts.per_block)
@@ -153,4 +169,5 @@ def activation_bytes(cfg: ModelConfig, tokens: int, precision: str,
         saved = tokens * (cfg.n_layers * layer + head)
         copies = counts.matmul
     weight_copies = 2 * copies if precision == "bf16" else 0
-    return ActivationMemory(saved, tokens * logits_bytes_per_token(cfg, precision), weight_copies)
+    saved += head_fixed_bytes(cfg, precision, fused_head)
+    return ActivationMemory(saved, tokens * logits_bytes_per_token(cfg, precision, fused_head), weight_copies)
