@@ -38,7 +38,7 @@ from scratchlm.model import GPT
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.distributed import Parallel, agree_on_stop, all_ranks_agree, barrier, parallelize, setup, teardown
 from scratchlm.train.hardware import peak_flops
-from scratchlm.train.logger import MetricsLog, Progress
+from scratchlm.train.logger import MetricsLog, Progress, Speed
 from scratchlm.train.objective import Objective, PretrainObjective
 from scratchlm.train.precision import autocast, pick_device, pick_precision
 from scratchlm.train.schedule import TimeBudget, lr_continued
@@ -309,30 +309,6 @@ def micro_batch_size(tc, world_size: int) -> int:
                         f"({tc.grad_accum}) x processes ({world_size}); e.g. batch_size="
                         f"{max(tc.batch_size // (tc.grad_accum * world_size), 1) * tc.grad_accum * world_size}")
     return tc.batch_size // (tc.grad_accum * world_size)
-
-
-class Speed:
-    """Tokens per second over training steps only: not evaluation or checkpoint time, and not the
-    first step of a session (torch.compile and allocator warm-up) once there are others."""
-
-    def __init__(self):
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
-        self.first: tuple[int, float] | None = None
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.steps += 1
-        if self.first is None:
-            self.first = (tokens, seconds)
-        else:
-            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
-
-    def tokens_per_s(self) -> float:
-        tokens, seconds = (self.tokens, self.seconds) if self.steps > 1 else (self.first or (0, 0.0))
-        return tokens / max(seconds, 1e-9)
-
-    def eta(self, steps_left: int) -> float:
-        per_step = self.seconds / (self.steps - 1) if self.steps > 1 else (self.first or (0, 0.0))[1]
-        return steps_left * per_step
 
 
 def make_optimizer(model: nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
