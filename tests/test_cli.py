@@ -104,3 +104,14 @@ def test_eval_cli_perplexity_end_to_end(trained_run, tiny_dataset):
     assert out["bits_per_byte"] > 0 and out["tokens"] > 0
     r = cli("eval", "perplexity", "--ckpt", str(trained_run / "nope"), "--data", str(tiny_dataset))
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_prepare_takes_config_and_set_like_pretrain(tmp_path, shared):
+    r = cli("prepare", "--config", "quickstart", "--set", f"data.corpus={shared / 'the-verdict.txt'}",
+            "--set", "tokenizer.vocab_size=300", "--set", "data.val_fraction=0.1", "--out", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert index["vocab_size"] == 300 and index["options"]["data"]["val_fraction"] == 0.1
+    assert index["splits"]["val"]["tokens"] > 0
+    bad = cli("prepare", "--input", str(shared / "the-verdict.txt"), "--out", str(tmp_path / "e"), "--pattern", "gpt3")
+    assert bad.returncode == 2 and "unknown pre-tokenizer pattern" in bad.stderr and "Traceback" not in bad.stderr

@@ -89,3 +89,68 @@ def test_perplexity_sliding_window_scores_every_token_once(model, small_tokenize
     assert a.perplexity == pytest.approx(math.exp(a.loss))
     assert a.bits_per_byte == pytest.approx(a.loss * a.tokens / math.log(2) / a.bytes, rel=1e-6)
     assert a.loss != b.loss
+
+
+# Five real records of rowanz/hellaswag data/hellaswag_val.jsonl (inds 24, 106, 116, 149, 180: the
+# 1st, 3rd, 5th, 7th and 9th validation items, so the first five of hellaswag_val_part1.txt).
+REAL_HELLASWAG = [
+    ("Roof shingle removal", "A man is sitting on a roof.", "he"),
+    ("Canoeing", "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the "
+     "water, with other individuals visible in the background.", "the child and a different man"),
+    ("High jump", "The boy lifts his body above the height of a pole. The boy lands on his back on to a red mat.",
+     "the boy"),
+    ("Playing harmonica", "A man is standing in front of a camera. He starts playing a harmonica for the camera.", "he"),
+    ("Sharpening knives", "A man is holding a pocket knife while sitting on some rocks in the wilderness.", "then he"),
+]
+
+
+def test_hellaswag_text_form_gives_lm_evals_query_of_the_real_records(shared):
+    import importlib.util
+    from pathlib import Path
+
+    import datasets
+    import lm_eval
+    spec = importlib.util.spec_from_file_location(
+        "hs_utils", Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    real = datasets.Dataset.from_list([{"activity_label": a, "ctx_a": ca, "ctx_b": cb, "endings": ["x"] * 4,
+                                        "label": "0"} for a, ca, cb in REAL_HELLASWAG])
+    ours = load_hellaswag(shared / "hellaswag_val_part1.txt")[:5]
+    assert [d["query"] for d in utils.process_docs(real)] == [it.context for it in ours]
+    assert ours[0].context == "Roof shingle removal: A man is sitting on a roof. He"
+
+
+def test_mmlu_csv_layouts_and_subject_column(tmp_path):
+    hf = tmp_path / "export.csv"  # a CSV export of the HF cais/mmlu dataset: one `choices` list column
+    hf.write_text('question,subject,choices,answer\n'
+                  '"What is 2+2?",elementary_mathematics,"[\'3\', \'4\', \'5\', \'6\']",1\n'
+                  '"Capital of France?",geography,"[\'Paris\', \'Rome\', \'Bonn\', \'Oslo\']",0\n')
+    items = load_mmlu(hf)
+    assert [it.gold for it in items] == [1, 0] and [it.subject for it in items] == ["elementary_mathematics", "geography"]
+    assert "A. 3\nB. 4\nC. 5\nD. 6\nAnswer:" in items[0].context
+    assert items[1].context.startswith("The following are multiple choice questions (with answers) about geography.")
+    letters = tmp_path / "letters_test.csv"
+    letters.write_text("question,A,B,C,D,answer\nQ?,w,x,y,z,C\n")
+    (it,) = load_mmlu(letters)
+    assert it.gold == 2 and "C. y" in it.context and it.subject == "letters"
+    odd = tmp_path / "odd.csv"
+    odd.write_text("question,opt1,opt2,answer\nQ?,a,b,0\n")
+    with pytest.raises(UserError, match="unrecognised MMLU layout"):
+        load_mmlu(odd)
+
+
+def test_eval_perplexity_refuses_a_dataset_of_another_tokenizer(tmp_path, tiny_dataset, shared, capsys):
+    from scratchlm.cli import main
+    from scratchlm.config import DataConfig, TokenizerConfig, load_config
+    from scratchlm.data.prepare import prepare
+    from scratchlm.train.trainer import pretrain
+    prepare(DataConfig(corpus=str(shared / "the-verdict.txt")), TokenizerConfig(vocab_size=300), tmp_path / "other",
+            log=lambda *_: None)
+    cfg = load_config("tiny", ["model.context_length=32", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+                               "model.d_ff=64", "train.batch_size=4", "train.max_steps=2", "train.eval_every=0",
+                               f"run.out_dir={tmp_path}", "run.name=m"])
+    pretrain(cfg, tiny_dataset, log=lambda *_: None, quiet=True)
+    assert main(["eval", "perplexity", "--ckpt", str(tmp_path / "m"), "--data", str(tmp_path / "other")]) == 2
+    assert "tokenized by another tokenizer" in capsys.readouterr().err
+    assert main(["eval", "perplexity", "--ckpt", str(tmp_path / "m"), "--data", str(tiny_dataset)]) == 0

@@ -151,3 +151,45 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 def test_compression_beats_char_level(small_tokenizer, shared):
     text = (shared / "tinyshakespeare.txt").read_text()[-5000:]
     assert len(small_tokenizer.encode(text)) < len(text) / 2.0  # ~2.3x at vocab 1024
+
+
+def test_gpt4_pattern_is_cl100k_exactly(monkeypatch):
+    """Compared with tiktoken's own cl100k_base pattern (its merges are never downloaded)."""
+    import regex
+    from tiktoken_ext import openai_public
+
+    from scratchlm.tokenizer import GPT4_PATTERN
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {})
+    cl100k = openai_public.cl100k_base()["pat_str"]
+    probe = "Hello world  \n\n  x\t \n  end   \n\n \t \r\n  9999 tabs\t\t\n   "
+    assert regex.findall(GPT4_PATTERN, probe) == regex.findall(cl100k, probe)
+    assert regex.findall(GPT4_PATTERN, probe)[-1] == "\t\t\n   "  # trailing whitespace: one chunk, as in GPT-4
+    assert GPT4_PATTERN == cl100k
+
+
+def test_bad_patterns_refused_with_one_line():
+    for pattern, msg in (("(", "not a valid regex"), ("gpt3", "unknown pre-tokenizer pattern"),
+                         (r"\w+", r"skips .* characters")):
+        with pytest.raises(UserError, match=msg):
+            Tokenizer.train(["Hello, world! " * 50], 300, pattern=pattern, num_workers=2)
+
+
+def test_hf_export_writes_merges_every_tokenizers_version_reads(tmp_path, small_tokenizer):
+    from scratchlm.tokenizer.hf_export import export_hf
+    export_hf(small_tokenizer, tmp_path)
+    merges = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)  # "a b", not ["a", "b"]
+
+
+def test_compression_stats_is_the_one_used_by_the_cli(small_tokenizer, shared, tmp_path):
+    import subprocess
+    import sys
+
+    from scratchlm.tokenizer import compression_stats
+    text = (shared / "the-verdict.txt").read_text()
+    c = compression_stats(small_tokenizer, text)
+    assert c["bpe_tokens"] == len(small_tokenizer.encode_ordinary(text)) and c["ratio"] > 2
+    small_tokenizer.save(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "scratchlm", "tokenizer", "stats", "--tokenizer", str(tmp_path),
+                        "--input", str(shared / "the-verdict.txt")], capture_output=True, text=True)
+    assert f"BPE tokens           {c['bpe_tokens']:,}" in r.stdout
