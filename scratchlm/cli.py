@@ -11,10 +11,10 @@ from scratchlm.errors import UserError
 
 
 class _Help(argparse.HelpFormatter):
-    """Show every option's default, including options without a help text."""
+    """Show every option's default after its help text."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = "" if action.help == "-" else (action.help or "")
+        text = action.help or ""
         if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
@@ -106,6 +106,14 @@ def cmd_pretrain(a) -> None:
     from scratchlm.config import load_config
     from scratchlm.train.trainer import pretrain
     cfg = load_config(a.config, a.overrides)
+    if a.dry_run:
+        from scratchlm.train.dry_run import dry_run, format_dry_run
+        vocab = 0
+        if a.data or cfg.data.dataset_dir:
+            from scratchlm.tokenizer import Tokenizer
+            vocab = Tokenizer.load(Path(a.data or cfg.data.dataset_dir) / "tokenizer").vocab_size
+        print(format_dry_run(dry_run(cfg, a.world_size, vocab_size=vocab)))
+        return
     data = a.data or cfg.data.dataset_dir
     if not data:
         raise UserError("no dataset: give --data DIR (from `scratchlm prepare`) or set data.dataset_dir")
@@ -234,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="action", required=True)
     t = tsub.add_parser("train", help="train a tokenizer on a corpus", formatter_class=fmt)
     t.add_argument("--input", required=True, help="corpus: file, dir, glob, URL, or builtin")
-    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary, 256 bytes and specials included")
     t.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt2, gpt4 or a regex")
     t.add_argument("--min-frequency", type=int, default=1, help="ignore chunks rarer than this")
-    t.add_argument("--text-field", default="text")
+    t.add_argument("--text-field", default="text", help="the field holding the text in JSONL / parquet records")
     t.add_argument("--hf", action="store_true", help="also write a Hugging Face tokenizer.json")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True, help="directory to write the tokenizer to")
     for name, helptext in (("encode", "text -> JSON ids"), ("decode", "JSON ids -> text"),
                            ("stats", "bytes/token, chars/token, and the ratio to a character-level tokenizer")):
         t = tsub.add_parser(name, help=helptext, formatter_class=fmt)
@@ -252,30 +260,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="corpus -> cleaned, deduplicated, tokenized train/val shards",
                        formatter_class=fmt)
     p.add_argument("--input", required=True, help="builtin, file, dir, glob, URL or hf:PATH")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory for the prepared dataset")
     p.add_argument("--tokenizer", help="use this tokenizer instead of training one")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--pattern", default="gpt4")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--no-dedup", action="store_true")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer to train")
+    p.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt2, gpt4 or a regex")
+    p.add_argument("--text-field", default="text", help="the field holding the text in JSONL / parquet records")
+    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop",
+                   help="what to do with an unreadable record")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
+    p.add_argument("--no-dedup", action="store_true", help="keep duplicate and near-duplicate documents")
     p.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold")
-    p.add_argument("--min-chars", type=int, default=32)
-    p.add_argument("--max-docs", type=int, default=0)
+    p.add_argument("--min-chars", type=int, default=32, help="drop documents shorter than this")
+    p.add_argument("--max-docs", type=int, default=0, help="use at most this many documents (0 = all)")
     p.add_argument("--decontaminate", nargs="*", default=[], help="eval files (MMLU CSV, HellaSwag, ARC, text)")
-    p.add_argument("--drop-contaminated", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--drop-contaminated", action="store_true",
+                   help="drop documents that overlap the --decontaminate files (default: only report them)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH)", formatter_class=fmt)
-    p.add_argument("input")
+    p.add_argument("input", help="corpus: file, dir, glob, URL or builtin")
     p.add_argument("--out", required=True, help="JSONL of the kept documents (+ .report.json)")
-    p.add_argument("--threshold", type=float, default=0.8)
-    p.add_argument("--num-perm", type=int, default=128)
-    p.add_argument("--ngram", type=int, default=5)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (more: finer estimates)")
+    p.add_argument("--ngram", type=int, default=5, help="words per shingle")
+    p.add_argument("--text-field", default="text", help="the field holding the text in JSONL / parquet records")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_dedup)
 
     p = sub.add_parser("pretrain", help="train a GPT on prepared shards (torchrun for several processes)",
@@ -283,12 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny", help="preset name or .toml path")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config for --world-size processes and print the step's shape; train nothing")
+    p.add_argument("--world-size", type=int, default=1, help="processes to check the config for (with --dry-run)")
     _add_set(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint: a classifier, or instruction following (SFT)",
                        formatter_class=fmt)
-    p.add_argument("task", choices=["classify", "sft"])
+    p.add_argument("task", choices=["classify", "sft"], help="classify: a classifier head; sft: instruction following")
     p.add_argument("--ckpt", required=True, help="base checkpoint or run directory")
     p.add_argument("--data", required=True, help="classify: label<TAB>text TSV, CSV or JSONL {text, label}; "
                    "sft: Alpaca JSON/JSONL {instruction, input, output} or chat JSONL {messages}")
@@ -305,48 +318,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="classifier checkpoint or run directory")
     p.add_argument("--file", help="a file of texts, one per line (- for stdin)")
     p.add_argument("--json", action="store_true", help="one JSON object per text, with every class's probability")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier",
                        formatter_class=fmt)
-    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify"])
+    p.add_argument("task", choices=["perplexity", "mmlu", "hellaswag", "arc", "classify"], help="what to measure")
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="text file or prepared dataset (perplexity); task file or dir")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="split of a prepared dataset to score (perplexity)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: context length)")
-    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples before each question")
     p.add_argument("--dev-dir", default=None, help="MMLU dev split for few-shot exemplars")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, default=0, help="score at most this many items (0 = all)")
+    p.add_argument("--on-bad-record", choices=["stop", "skip"], default="stop",
+                   help="what to do with an unreadable item")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint", formatter_class=fmt)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--prompt", action="append", help="repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    p.add_argument("--prompt", action="append",
+                   help="text to continue; repeat for a batch (default: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="below 1: safer; above 1: more varied")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens holding this much "
+                   "probability (1 = all)")
+    p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="an SFT run: do not wrap the prompt in its template")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_generate)
-    _fill_help(parser)
     return parser
-
-
-def _fill_help(parser: argparse.ArgumentParser) -> None:
-    """argparse prints nothing (not even the default) for an option without help text."""
-    for action in parser._actions:
-        if action.help is None and action.option_strings:
-            action.help = "-"
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _fill_help(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 
     cfg = load_config("configs/quickstart.toml", overrides=["train.lr=3e-4", "model.n_layers=2"])
 
-Unknown sections or keys, and values of the wrong type, are errors (a typo must not silently
-train the default). The effective config is saved with every run as `config.toml`.
+Unknown sections or keys, values of the wrong type and values that cannot work are errors, each
+one line when the config loads (a typo must not silently train the default, nor crash an hour in).
+The effective config is saved with every run as `config.toml`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from scratchlm.errors import UserError
 from scratchlm.model.config import ModelConfig
+from scratchlm.train.schedule import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -146,8 +148,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Check (and for CLI strings, convert) a value against a dataclass field type."""
     origin = typing.get_origin(typ)
     if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # from --set: a TOML array, or else one item (commas and all)
+            value = _toml_array(value, where) if value.lstrip().startswith("[") else [value]
         if not isinstance(value, list):
             raise UserError(f"{where} must be a list, got {value!r}")
         return [str(v) for v in value]
@@ -170,6 +172,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise UserError(f"{where} must be an integer, got {value!r}")
         return int(f)
     if typ is float:
+        if isinstance(value, bool):  # TOML `true` is not 1.0
+            raise UserError(f"{where} must be a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -177,6 +181,14 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is str:
         return str(value)
     return value
+
+
+def _toml_array(text: str, where: str) -> list:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: {text!r} is not a TOML array ({e}); write e.g. [\"one, with a comma\", \"two\"]")\
+            from None
 
 
 def _apply(section_obj: Any, section: str, values: dict) -> None:
@@ -232,6 +244,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         section, name, value = parse_override(text)
         apply_dict(cfg, {section: {name: value}})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse values that cannot work, one line each, before anything runs."""
+    r, d, k, t, e = cfg.run, cfg.data, cfg.tokenizer, cfg.train, cfg.eval
+    device_ok = r.device in ("auto", "cpu", "cuda", "mps") or (r.device.startswith("cuda:")
+                                                                 and r.device[5:].isdigit())
+    checks = [
+        (bool(r.name.strip()) and "/" not in r.name, f"run.name must be a plain name (no '/'), got {r.name!r}"),
+        (bool(r.out_dir.strip()), "run.out_dir must not be empty"),
+        (r.seed >= 0, f"run.seed must be >= 0, got {r.seed}"),
+        (device_ok, f"run.device must be auto, cpu, cuda, cuda:N or mps, got {r.device!r}"),
+        (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (0.0 < d.near_dedup_threshold <= 1.0, f"data.near_dedup_threshold must be in (0, 1], got {d.near_dedup_threshold}"),
+        (d.min_chars >= 0 and d.max_docs >= 0 and d.max_chars >= 0,
+         "data.min_chars, data.max_docs and data.max_chars must be >= 0 (0 = no limit)"),
+        (k.vocab_size >= 257, f"tokenizer.vocab_size must be >= 257 (256 bytes + special tokens), got {k.vocab_size}"),
+        (bool(k.pattern), "tokenizer.pattern must not be empty (gpt2, gpt4 or a regex)"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.batch_size % max(t.grad_accum, 1) == 0,
+         f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}"),
+        (0.0 <= t.decay_fraction <= 1.0, f"train.decay_fraction must be in [0, 1], got {t.decay_fraction}"),
+        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, f"train.beta1 and beta2 must be in [0, 1), got "
+                                                         f"{t.beta1}, {t.beta2}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
+        (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
+        (t.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no token budget), got {t.max_tokens}"),
+        (t.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}"),
+        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}"),
+        (t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {t.parallel!r}"),
+        (t.eval_every >= 0 and t.sample_every >= 0 and t.checkpoint_every >= 0,
+         "train.eval_every, sample_every and checkpoint_every must be >= 0 (0 = only at the end / never)"),
+        (t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}"),
+        (t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}"),
+        (t.keep_last >= 0, f"train.keep_last must be >= 0 (0 = keep every checkpoint), got {t.keep_last}"),
+        (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (e.mc_limit >= 0, f"eval.mc_limit must be >= 0, got {e.mc_limit}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
     cfg.model.validate()
     return cfg
 

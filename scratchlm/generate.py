@@ -7,12 +7,16 @@ the new token; without it, the whole sequence again (same result, the tests chec
 Prompts of different lengths are left-padded; padded keys are masked out and positions start at
 0 at each row's first real token, so every row gets exactly what it would get alone.
 
+A model's output layer may be wider than the tokenizer's vocabulary (GPT-2's 50,257 tokens padded
+to 50,304 for faster matmuls); the padding ids mean nothing, so sampling never picks them.
+
 When a sequence reaches the context length we slide the window: keep the most recent 3/4 of
 the context, rebuild the cache from it, and go on. Old text falls out of view; nothing crashes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,8 +39,12 @@ class SamplingConfig:
     use_cache: bool = True
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits: (B, V) -> (B,) next token ids."""
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
+                vocab_size: int | None = None) -> torch.Tensor:
+    """logits: (B, V) -> (B,) next token ids, all below vocab_size (the tokenizer's) if given."""
+    if vocab_size is not None and vocab_size < logits.size(-1):  # padded output ids decode to nothing
+        logits = logits.clone()
+        logits[:, vocab_size:] = float("-inf")
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / cfg.temperature
@@ -77,8 +85,9 @@ def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
 def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
                  on_token: Callable[[int, int], None] | None = None,
                  stop_check: Callable[[int, list[int]], bool] | None = None,
-                 truncate_prompt: bool = False) -> list[list[int]]:
-    """Generate continuations for a batch of token-id prompts; returns the new ids per prompt."""
+                 truncate_prompt: bool = False, vocab_size: int | None = None) -> list[list[int]]:
+    """Generate continuations for a batch of token-id prompts; returns the new ids per prompt.
+    vocab_size: the tokenizer's, when the model's output is padded wider."""
     model.eval()
     ctx = model.cfg.context_length
     V = model.cfg.vocab_size
@@ -108,7 +117,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
             ids, positions, valid = _batch_inputs(seqs, device)
             cache = model.new_cache(len(seqs)) if cfg.use_cache else None
             logits, _ = model(ids, positions=positions, mask=_prefill_mask(valid), cache=cache)
-        nxt = sample_next(logits[:, -1, :], cfg, gen).tolist()
+        nxt = sample_next(logits[:, -1, :], cfg, gen, vocab_size).tolist()
         for i, t in enumerate(nxt):
             seqs[i].append(t)
             if done[i]:
@@ -128,44 +137,55 @@ def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
 
 def generate(model: GPT, tokenizer, prompts: str | list[str], cfg: SamplingConfig | None = None,
              stream: bool = False, truncate_prompt: bool = False) -> list[str]:
-    """Generate text for one prompt or a batch; stops at <|endoftext|> and any stop string."""
+    """Generate text for one prompt or a batch; stops at <|endoftext|> and any stop string. An
+    empty prompt starts from <|endoftext|>, as a new document would. With stream=True the first
+    prompt's text is written to stdout as it grows, never past a stop string."""
     cfg = cfg or SamplingConfig()
+    if not cfg.stop_tokens:  # a copy: the caller's config stays as it was
+        cfg = dataclasses.replace(cfg, stop_tokens=[tokenizer.eot_id])
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
-    if not cfg.stop_tokens:
-        cfg.stop_tokens = [tokenizer.eot_id]
-    ids = [tokenizer.encode(p, allowed_special="all") for p in prompts]
+    ids = [tokenizer.encode(p, allowed_special="all") or [tokenizer.eot_id] for p in prompts]
+    out_tokens: list[list[int]] = [[] for _ in prompts]
+    printed = 0
 
     def stop_check(i: int, toks: list[int]) -> bool:
-        if not cfg.stop_strings:
-            return False
-        text = tokenizer.decode(toks)
-        return any(s in text for s in cfg.stop_strings)
-
-    printed = [0]
-
-    def on_token(i: int, t: int) -> None:  # stream row 0 as it grows; hold back partial characters
-        text = tokenizer.decode(out_tokens[0])
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[printed[0]:])
-            sys.stdout.flush()
-            printed[0] = len(text)
-
-    out_tokens: list[list[int]] = [[] for _ in prompts]
+        return bool(cfg.stop_strings) and any(s in tokenizer.decode(toks) for s in cfg.stop_strings)
 
     def track(i: int, t: int) -> None:
+        nonlocal printed
         out_tokens[i].append(t)
         if stream and i == 0:
-            on_token(i, t)
+            text = tokenizer.decode(out_tokens[0])
+            safe = printable(text, cfg.stop_strings)
+            if safe > printed:
+                sys.stdout.write(text[printed:safe])
+                sys.stdout.flush()
+                printed = safe
 
-    new = generate_ids(model, ids, cfg, on_token=track, stop_check=stop_check, truncate_prompt=truncate_prompt)
+    new = generate_ids(model, ids, cfg, on_token=track, stop_check=stop_check, truncate_prompt=truncate_prompt,
+                       vocab_size=tokenizer.vocab_size)
+    texts = [trim_at_stop(tokenizer.decode(toks), cfg.stop_strings) for toks in new]
     if stream:
-        sys.stdout.write("\n")
-    texts = []
-    for toks in new:
-        text = tokenizer.decode(toks)
-        for s in cfg.stop_strings:
-            if s in text:
-                text = text[:text.index(s)]
-        texts.append(text)
+        sys.stdout.write(texts[0][printed:] + "\n")
+        sys.stdout.flush()
     return texts
+
+
+def trim_at_stop(text: str, stop_strings: list[str]) -> str:
+    cut = min((text.index(s) for s in stop_strings if s in text), default=len(text))
+    return text[:cut]
+
+
+def printable(text: str, stop_strings: list[str]) -> int:
+    """How much of `text` can be shown while generation goes on: not a character still being
+    decoded (a trailing \ufffd), not a stop string, not an end that may become one."""
+    cut = len(text.rstrip("\ufffd"))
+    for s in stop_strings:
+        if s in text:
+            cut = min(cut, text.index(s))
+        for k in range(min(len(s) - 1, len(text)), 0, -1):  # the end of text is the start of s
+            if text.endswith(s[:k]):
+                cut = min(cut, len(text) - k)
+                break
+    return cut

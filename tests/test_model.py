@@ -65,8 +65,14 @@ def test_sampling_top_k_top_p_and_seed():
     g = torch.Generator().manual_seed(0)
     picks = sample_next(logits, SamplingConfig(top_k=2), g)
     assert set(picks.tolist()) <= {2, 3}
-    picks = sample_next(logits, SamplingConfig(top_p=0.5), g)
-    assert set(picks.tolist()) == {3}  # p(3) = 0.64 > 0.5 alone
+    # top-p keeps the smallest set whose probability reaches p, *including* the token that crosses
+    # it: with p = 0.5 and probabilities 0.4, 0.35, 0.25 that is {0, 1} (dropping the crossing token
+    # would leave {0}; keeping one too many, {0, 1, 2}).
+    probs = torch.tensor([[0.4, 0.35, 0.25]]).repeat(400, 1)
+    picks = sample_next(probs.log(), SamplingConfig(top_p=0.5), g)
+    assert set(picks.tolist()) == {0, 1}
+    picks = sample_next(probs.log(), SamplingConfig(top_p=0.3), g)  # the first token crosses 0.3 alone
+    assert set(picks.tolist()) == {0}
     assert sample_next(logits[:1], SamplingConfig(temperature=0), None).item() == 3
     m = tiny()
     a = generate_ids(m, [[1, 2]], SamplingConfig(max_new_tokens=10, seed=5))
@@ -106,11 +112,21 @@ def test_bad_generation_inputs():
 
 
 def test_param_count_flops_memory():
+    """Counted by hand from the architecture, so a wrong count (a tied matrix counted twice, a
+    missing bias) fails: vocab 97, context 24, width 32, 2 layers, ff 64, no biases, tied head."""
+    V, T, d, L, ff = 97, 24, 32, 2, 64
+    per_layer = d + d * 3 * d + d * d + d + d * ff + ff * d  # attn_norm, qkv, out, ffn_norm, up, down
+    embed, pos = V * d, T * d
     m = tiny()
-    n = m.num_params()
-    assert n == sum(p.numel() for p in m.parameters())
-    assert m.flops_per_token() > 6 * m.num_params(non_embedding=True)
-    assert m.memory_estimate(4)["total_bytes"] > n * 16
+    assert m.num_params() == embed + pos + L * per_layer + d  # + final norm; lm_head is embed
+    assert m.num_params(non_embedding=True) == embed + L * per_layer + d
+    untied = tiny(tie_embeddings=False, bias=True)
+    biases = L * (3 * d + d + ff + d + d + d)  # qkv, out, up, down; the two LayerNorm biases
+    assert untied.num_params() == embed + pos + L * per_layer + d + d + biases + V * d
+    assert m.flops_per_token() == 6 * (embed + L * per_layer + d) + 12 * L * d * T
+    mem = m.memory_estimate(4)
+    assert mem["params_bytes"] == 16 * m.num_params()
+    assert mem["activations_bytes"] == 4 * (4 * L * (34 * T * d + 5 * 4 * T * T) + 4 * T * V * 2)
 
 
 def test_bf16_training_tracks_fp32():
@@ -134,3 +150,99 @@ def test_bf16_training_tracks_fp32():
     assert fp32[-1] < fp32[0] - 1.0
     assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05 * fp32[0]
     assert next(tiny().parameters()).dtype == torch.float32
+
+
+def test_initial_loss_is_about_ln_vocab():
+    """A freshly initialised model must be unsure: loss ~ ln(V). Far above means a bad init (large
+    logits), far below a leak of the target."""
+    import math
+    m = tiny()
+    x = torch.randint(0, 97, (8, 25), generator=torch.Generator().manual_seed(0))
+    _, loss = m(x[:, :-1], x[:, 1:])
+    assert abs(loss.item() - math.log(97)) < 0.05
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_with_a_padding_mask(variant):
+    """Left-padded batch: a row's logits depend neither on later tokens nor on the padding."""
+    from scratchlm.generate import _batch_inputs, _prefill_mask
+    m = tiny(**VARIANTS[variant]).eval()
+    row = [5, 6, 7, 8, 9, 10]
+    ids, pos, valid = _batch_inputs([row, [1, 2]], "cpu")
+    logits, _ = m(ids, positions=pos, mask=_prefill_mask(valid))
+    alone, _ = m(torch.tensor([row]))
+    torch.testing.assert_close(logits[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1, -2:], m(torch.tensor([[1, 2]]))[0][0], atol=1e-5, rtol=1e-5)
+    ids2 = ids.clone()
+    ids2[0, -1] = 50                 # change the last token: earlier positions must not move
+    ids2[1, :4] = 3                  # change the padding of row 1: its real positions must not move
+    logits2, _ = m(ids2, positions=pos, mask=_prefill_mask(valid))
+    torch.testing.assert_close(logits2[0, :-1], logits[0, :-1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits2[0, -1], logits[0, -1])
+    torch.testing.assert_close(logits2[1, -2:], logits[1, -2:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["explicit", "sdpa-causal", "sdpa-masked"])
+def test_attention_dropout_on_every_path(path):
+    """Attention dropout applies on the explicit and the masked paths too: outputs vary in training,
+    not in eval, and average out to the eval output."""
+    from scratchlm.model.attention import CausalSelfAttention
+    cfg = ModelConfig(vocab_size=10, context_length=8, d_model=16, n_heads=2, d_ff=16, dropout=0.5,
+                      attention="explicit" if path == "explicit" else "sdpa")
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(cfg)
+    x = torch.randn(1, 8, 16)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()[None, None] if path == "sdpa-masked" else None
+    attn.eval()
+    reference = attn(x, mask=mask)
+    attn.train()
+    draws = torch.stack([attn(x, mask=mask) for _ in range(400)])
+    assert not torch.allclose(draws[0], draws[1])
+    torch.testing.assert_close(draws.mean(0), reference, atol=0.05, rtol=0.1)
+
+
+def test_padded_vocabulary_is_never_sampled(small_tokenizer):
+    """gpt2-124m has 50,304 outputs for 50,257 tokens: ids past the tokenizer's mean nothing."""
+    V = small_tokenizer.vocab_size
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=V + 64, context_length=32, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+    boost = torch.zeros(V + 64)
+    boost[V:] = 50.0  # make the padding the likeliest outputs
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+    for cfg in (SamplingConfig(max_new_tokens=8, temperature=0), SamplingConfig(max_new_tokens=8, seed=1)):
+        ids = generate_ids(m, [small_tokenizer.encode("To be")], cfg, vocab_size=V)
+        assert all(t < V for t in ids[0])
+        from scratchlm.generate import generate
+        (text,) = generate(m, small_tokenizer, "To be", cfg)  # the old code raised here (an id past the vocabulary)
+        assert isinstance(text, str)
+
+
+def test_generate_from_an_empty_prompt_and_without_touching_the_callers_config(small_tokenizer, capsys):
+    from scratchlm.generate import generate
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=small_tokenizer.vocab_size, context_length=32, d_model=32, n_layers=1,
+                        n_heads=2, d_ff=64))
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0)
+    (text,) = generate(m, small_tokenizer, [""], cfg)  # starts from <|endoftext|>, like a new document
+    assert cfg.stop_tokens == []                        # the caller's config is not changed
+    ids = generate_ids(m, [[small_tokenizer.eot_id]], SamplingConfig(max_new_tokens=6, temperature=0))[0]
+    assert text == small_tokenizer.decode(ids[:ids.index(small_tokenizer.eot_id)] if small_tokenizer.eot_id in ids
+                                          else ids)
+
+
+def test_streamed_text_never_shows_the_stop_string(small_tokenizer, capsys):
+    from scratchlm.generate import generate, printable
+    assert printable("Hello wor", ["world"]) == len("Hello ")  # might become the stop string: held back
+    assert printable("Hello world!", ["world"]) == len("Hello ")
+    assert printable("caf\ufffd", []) == 3                   # a character still being decoded
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, d_model=32, n_layers=1,
+                        n_heads=2, d_ff=64))
+    free = generate(m, small_tokenizer, "The", SamplingConfig(max_new_tokens=20, temperature=0))[0]
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    assert stop and stop in free
+    capsys.readouterr()
+    (text,) = generate(m, small_tokenizer, ["The"], SamplingConfig(max_new_tokens=20, temperature=0,
+                                                                  stop_strings=[stop]), stream=True)
+    out = capsys.readouterr().out
+    assert text == free[:free.index(stop)] and out == text + "\n" and stop not in out

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from scratchlm.config import load_config
 from scratchlm.errors import UserError
 from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.schedule import lr_at
+from scratchlm.train.schedule import TimeBudget, lr_at, lr_continued
 from scratchlm.train.trainer import pretrain
 
 SMALL = ["model.context_length=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
@@ -359,3 +359,366 @@ def test_ddp_sigterm_to_one_rank_stops_all_at_the_same_step(tmp_path, tiny_datas
     assert "stopped by signal" in err
     (last,) = ckpt.list_checkpoints(run / "checkpoints")
     assert ckpt.validate(last) is None and int(last.name.split("_")[1]) == len(losses(run))
+
+
+# --- issue 11: the loop one can trust ---------------------------------------------------------
+
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_time_budget_replans_never_raise_the_lr_after_warmup():
+    """Random speeds, evaluation costs and stalls: the plan only shrinks, so the LR never rises after
+    warm-up. (The old re-plan was capped at max_steps: lr_at(500, 800) = 0.41 -> lr_at(501, 1000) = 0.59.)"""
+    import random
+    tc = load_config("tiny", ["train.warmup_steps=10", "train.max_steps=5000"]).train
+    for schedule in ("cosine", "wsd"):
+        tc.schedule = schedule
+        rng = random.Random(0)
+        clock = FakeClock()
+        budget = TimeBudget(1.0, clock=clock)
+        plan, lrs, plans = tc.max_steps, [], []
+        for step in range(5000):
+            if step >= plan or budget.expired():
+                break
+            lrs.append(lr_continued(step, plan, tc))
+            clock.t += rng.choice([0.01, 0.02, 0.05]) * (20 if rng.random() < 0.01 else 1)  # a stall now and then
+            evaluated = (step + 1) % 25 == 0
+            if evaluated:
+                budget.add_busy(rng.uniform(0, 0.5))
+                clock.t += budget.busy
+            plan = budget.after_step(step + 1, plan, evaluated=evaluated, eval_every=25)
+            plans.append(plan)
+        assert all(a >= b for a, b in zip(plans, plans[1:])), "a re-plan made the run longer"
+        after = lrs[tc.warmup_steps:]
+        assert all(a >= b - 1e-12 for a, b in zip(after, after[1:])), f"{schedule}: the LR rose after warm-up"
+        assert plans[-1] < tc.max_steps  # the budget did bind
+
+
+def test_time_budget_plans_from_the_measured_speed():
+    clock = FakeClock()
+    budget = TimeBudget(1.0, clock=clock)  # 60 s
+    plan = 10_000
+    for step in range(1, 21):
+        clock.t += 5.0 if step <= 10 else 0.5  # the first ten steps (compiling) are slow, then 0.5 s/step
+        plan = budget.after_step(step, plan)
+    # 60 - 55 s spent = 5 s left at 0.5 s/step = 10 steps, 90% of that: 9 more
+    assert plan == 20 + 9
+    budget = TimeBudget(1.0, elapsed=59.0, clock=clock)  # a resumed run counts the time already spent
+    assert not budget.expired() and budget.replan(1000, 5, 0.5, 1.0) == 7
+    clock.t += 1.0
+    assert budget.expired()
+
+
+def test_lr_continued_when_a_finished_run_is_extended():
+    tc = load_config("tiny", ["train.warmup_steps=2", "train.lr=1.0", "train.min_lr_ratio=0.1"]).train
+    before = [lr_continued(s, 10, tc) for s in range(10)]
+    anchor = (10, lr_continued(10, 10, tc))  # the rate the next step would have had: the floor
+    after = [lr_continued(s, 20, tc, anchor) for s in range(10, 20)]
+    assert after[0] == pytest.approx(before[-1], abs=0.05) and max(after) <= before[-1] + 1e-12
+    assert min(after) >= 0.1 - 1e-12
+    tc.schedule = "wsd"  # a WSD run cut in its stable phase decays from where it is to the new end
+    anchor = (8, lr_continued(8, 100, tc))
+    cut = [lr_continued(s, 28, tc, anchor) for s in range(8, 28)]
+    assert cut[0] == pytest.approx(1.0) and cut[-1] < cut[0] and all(a >= b for a, b in zip(cut, cut[1:]))
+
+
+def test_resume_with_a_larger_max_steps_extends_a_finished_run(tmp_path, tiny_dataset):
+    cfg = load_config("tiny", SMALL + ["train.max_steps=6", "train.checkpoint_every=3", f"run.out_dir={tmp_path}",
+                                       "run.name=r"])
+    pretrain(cfg, tiny_dataset, quiet=True, log=lambda *_: None)
+    messages = []
+    more = load_config("tiny", SMALL + ["train.max_steps=10", f"run.out_dir={tmp_path}", "run.name=r"])
+    res = pretrain(more, tiny_dataset, resume=True, quiet=True, log=messages.append)
+    assert res.step == 10 and res.stopped_by == "steps"
+    assert any("train.max_steps 6 -> 10" in m for m in messages)
+    records = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert len(lrs) == 10
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[3:], lrs[4:])), lrs  # no jump up after warm-up
+    # resuming the finished run with the same budget trains nothing more
+    again = pretrain(load_config("tiny", SMALL + ["train.max_steps=10", f"run.out_dir={tmp_path}", "run.name=r"]),
+                     tiny_dataset, resume=True, quiet=True, log=messages.append)
+    assert again.step == 10 and any("whole budget" in m for m in messages)
+
+
+def test_validation_split_shorter_than_a_window_is_an_error(tmp_path, tiny_dataset):
+    from scratchlm.data.shards import load_split
+    n_val, n_train = len(load_split(tiny_dataset, "val")), len(load_split(tiny_dataset, "train"))
+    assert n_val + 10 < n_train
+    cfg = load_config("tiny", SMALL + [f"model.context_length={n_val + 10}", f"run.out_dir={tmp_path}"])
+    with pytest.raises(UserError, match="validation split .* less than one context window.*val_fraction"):
+        pretrain(cfg, tiny_dataset, quiet=True)
+
+
+def test_best_checkpoint_is_named_and_recorded_by_its_step(tmp_path, tiny_dataset):
+    cfg = load_config("tiny", SMALL + ["train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=0",
+                                       f"run.out_dir={tmp_path}", "run.name=r"])
+    pretrain(cfg, tiny_dataset, quiet=True, log=lambda *_: None)
+    evals = {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open())
+             if r.get("type") == "eval"}
+    best_step = min(evals, key=evals.get)
+    (best,) = ckpt.list_checkpoints(tmp_path / "r" / "best")
+    assert best.name == f"step_{best_step:06d}" and ckpt.read_state(best)["step"] == best_step
+    assert ckpt.read_state(best)["task"] == {"kind": "pretrain"}
+    from scratchlm.train.checkpoint import load_for_inference
+    _, _, meta = load_for_inference(tmp_path / "r", device="cpu")
+    assert meta["path"] == str(best) and meta["state"]["task"]["kind"] == "pretrain"
+
+
+def test_resume_removes_what_a_killed_save_left(tmp_path, tiny_dataset):
+    cfg = load_config("tiny", SMALL + ["train.max_steps=3", f"run.out_dir={tmp_path}", "run.name=r"])
+    pretrain(cfg, tiny_dataset, quiet=True, log=lambda *_: None)
+    root = tmp_path / "r" / "checkpoints"
+    for name in (".step_000006.k2j4.tmp", ".step_000006.tmp", ".step_000003.old"):  # staged, FSDP-staged, replaced
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(b"\0" * 1000)
+    messages = []
+    more = load_config("tiny", SMALL + ["train.max_steps=4", f"run.out_dir={tmp_path}", "run.name=r"])
+    pretrain(more, tiny_dataset, resume=True, quiet=True, log=messages.append)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
+    assert sum("left by an interrupted save" in m for m in messages) == 3
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.grad_accum=0", "train.grad_accum must be >= 1"),
+    ("train.schedule=bogus", "train.schedule must be one of cosine, wsd, constant"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("train.precision=fp16", "train.precision must be auto, fp32 or bf16"),
+    ("train.parallel=zero", "train.parallel must be ddp or fsdp"),
+    ("train.eval_batches=0", "train.eval_batches must be >= 1"),
+    ("train.batch_size=10", "divisible by train.grad_accum"),
+    ("run.device=gpu", "run.device must be auto, cpu"),
+    ("data.val_fraction=1.5", "data.val_fraction must be in"),
+    ("tokenizer.vocab_size=100", "tokenizer.vocab_size must be >= 257"),
+])
+def test_config_values_that_cannot_work_fail_when_the_config_loads(override, match):
+    extra = ["train.grad_accum=4"] if override.startswith("train.batch_size") else []
+    with pytest.raises(UserError, match=match) as e:
+        load_config("tiny", extra + [override])
+    assert "\n" not in str(e.value)
+
+
+def test_config_types_bool_is_not_a_number_and_prompts_keep_commas(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[train]\nlr = true\n")
+    with pytest.raises(UserError, match="train.lr must be a number, got True"):
+        load_config(str(toml))
+    assert load_config("tiny", ["eval.prompts=And God said,"]).eval.prompts == ["And God said,"]
+    assert load_config("tiny", ['eval.prompts=["And God said,", "Blessed are"]']).eval.prompts == \
+        ["And God said,", "Blessed are"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "quickstart", "sheet", "llama-small", "gpt2-124m"])
+def test_every_preset_dry_runs_at_the_readme_world_sizes(preset):
+    from scratchlm.train.dry_run import dry_run
+    cfg = load_config(preset)
+    for world in (1, 2, 8, 16):  # the README launches gpt2-124m on 8 GPUs and on 2 nodes x 8
+        plan = dry_run(cfg, world)
+        assert plan["micro_batch_per_rank"] * cfg.train.grad_accum * world == cfg.train.batch_size
+        assert plan["tokens_per_step"] == cfg.train.batch_size * cfg.model.context_length
+        assert plan["parameters"] > 0 and plan["memory_per_rank_gb"] > 0
+    if preset == "gpt2-124m":
+        assert 124e6 < plan["parameters"] < 125e6
+
+
+def test_dry_run_cli_prints_the_step_and_refuses_a_batch_that_does_not_split():
+    r = cli("pretrain", "--config", "gpt2-124m", "--dry-run", "--world-size", "8")
+    assert r.returncode == 0, r.stderr
+    assert "8 per rank per micro-step x 8 micro-steps x 8 ranks" in r.stdout and "524,288" in r.stdout
+    assert "124.5M" in r.stdout and "GB" in r.stdout
+    r = cli("pretrain", "--config", "gpt2-124m", "--dry-run", "--world-size", "3")
+    assert r.returncode == 2 and "divisible" in r.stderr
+
+
+def test_mfu_uses_a_stated_peak_and_tokens_per_s_counts_training_steps_only(tmp_path, tiny_dataset, monkeypatch):
+    from scratchlm.train import hardware
+    from scratchlm.train.objective import PretrainObjective
+    assert hardware.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == (989e12, "datasheet H100 SXM bf16 dense")
+    assert hardware.datasheet_peak("NVIDIA H100 PCIe", "bf16")[0] == 756e12
+    assert hardware.datasheet_peak("NVIDIA A100-SXM4-40GB", "tf32")[0] == 156e12
+    assert hardware.datasheet_peak("NVIDIA L40S", "bf16") is None  # not an L4
+    assert hardware.datasheet_peak("NVIDIA L4", "bf16")[0] == 121e12
+    peak, where = hardware.peak_flops(torch.device("cpu"), "fp32")
+    assert where.startswith("measured on this CPU") and peak > 1e8
+
+    real_evaluate = PretrainObjective.evaluate
+
+    def slow_evaluate(self, model):
+        time.sleep(0.4)
+        return real_evaluate(self, model)
+
+    monkeypatch.setattr(PretrainObjective, "evaluate", slow_evaluate)
+    messages = []
+    cfg = load_config("tiny", SMALL + ["train.max_steps=8", "train.eval_every=2", "train.keep_best=false",
+                                       f"run.out_dir={tmp_path}", "run.name=r"])
+    res = pretrain(cfg, tiny_dataset, quiet=True, log=messages.append)
+    assert res.tokens_per_s > 2 * res.tokens / res.seconds  # four 0.4 s evaluations are not training time
+    assert any("measured on this CPU" in m for m in messages)
+    last = [r for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open()) if "mfu" in r][-1]
+    from scratchlm.model import GPT
+    expected = last["tok_per_s"] * GPT(cfg.model).flops_per_token() / peak
+    assert last["mfu"] == pytest.approx(expected, rel=0.01, abs=1e-4)
+
+
+def test_ddp_max_minutes_ranks_end_identical(tmp_path, tiny_dataset):
+    """Two ranks under a time budget with evaluations (so the plan is re-made mid-run): every rank
+    trains with the same learning rates, stops after the same step, and ends with the same weights."""
+    worker = Path(__file__).parent / "ddp_worker.py"
+    sets = SMALL + ["train.max_steps=100000", "train.max_minutes=0.12", "train.eval_every=15",
+                    "train.checkpoint_every=0", "train.grad_accum=2", "model.dropout=0.1",
+                    f"run.out_dir={tmp_path}", "run.name=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(worker), str(tiny_dataset), str(tmp_path / "out"),
+                        *[x for s in sets for x in ("--set", s)]], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["stopped_by"] == ranks[1]["stopped_by"] == "minutes"
+    assert ranks[0]["step"] == ranks[1]["step"] > 20           # past the first plan, and the same last step
+    assert ranks[0]["lrs"] == ranks[1]["lrs"]                    # the same learning rate at every step
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    a, b = (torch.load(tmp_path / f"out.rank{i}.pt") for i in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = ranks[0]["lrs"][3:]
+    assert all(x >= y - 1e-12 for x, y in zip(lrs, lrs[1:]))   # and it never rose after warm-up
+    evals = [json.loads(ln) for ln in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e.get("type") == "eval" for e in evals) >= 2     # re-planned after at least one evaluation
+    print(f"2-rank max_minutes: step {ranks[0]['step']} on both ranks, weights sha256 "
+          f"{ranks[0]['weights_sha256'][:16]} == {ranks[1]['weights_sha256'][:16]}")
+
+
+def test_exact_resume_with_dropout_across_an_evaluation(tmp_path, tiny_dataset):
+    import shutil
+    sets = SMALL + ["model.dropout=0.2", "train.max_steps=10", "train.checkpoint_every=4", "train.keep_last=5",
+                    "train.eval_every=6", f"run.out_dir={tmp_path}"]
+    pretrain(load_config("tiny", sets + ["run.name=straight"]), tiny_dataset, quiet=True, log=lambda *_: None)
+    shutil.copytree(tmp_path / "straight", tmp_path / "again")
+    for name in ("step_000008", "step_000010"):  # as if killed just after step 4's checkpoint
+        shutil.rmtree(tmp_path / "again" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "again" / "best")
+    pretrain(load_config("tiny", sets + ["run.name=again"]), tiny_dataset, resume=True, quiet=True,
+             log=lambda *_: None)
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "again")
+    pretrain(load_config("tiny", sets + ["run.name=nodrop", "model.dropout=0", "train.max_steps=1"]), tiny_dataset,
+             quiet=True, log=lambda *_: None)
+    assert losses(tmp_path / "straight")[0] != losses(tmp_path / "nodrop")[0]  # dropout really was on
+
+
+def test_dropout_masks_differ_across_ranks_and_repeat_on_resume():
+    from scratchlm.train.trainer import step_seed
+    assert step_seed(1337, 0, 5) != step_seed(1337, 1, 5) != step_seed(1337, 1, 6)
+    assert step_seed(1337, 1, 5) == step_seed(1337, 1, 5)
+
+
+def test_loss_weighs_every_term_the_same_across_uneven_micro_batches():
+    """A fine-tuning micro-batch may hold 1 loss token, the next 7: the step's gradient must be that of
+    the mean over all 8 tokens, not the mean of the two micro-batch means."""
+    from scratchlm.model import GPT, ModelConfig
+    from scratchlm.train.distributed import DistInfo, parallelize
+    from scratchlm.train.objective import Objective
+    from scratchlm.train.trainer import train_step
+    import contextlib
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (2, 9), generator=g)
+    mask = torch.zeros(2, 8)
+    mask[0, 7] = 1  # 1 loss token in the first micro-batch
+    mask[1, 1:] = 1  # 7 in the second
+
+    class Masked(Objective):
+        def __init__(self, rows):
+            self.rows, self.i = rows, 0
+
+        def next_batch(self):
+            r = self.rows[self.i % len(self.rows)]
+            self.i += 1
+            return {"x": x[r, :-1], "y": x[r, 1:], "m": mask[r]}
+
+        def count(self, b):
+            return int(b["m"].sum())
+
+        def tokens(self, b):
+            return b["x"].numel()
+
+        def loss(self, model, b):
+            logits, _ = model(b["x"])
+            nll = F.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), reduction="none")
+            return (nll * b["m"].flatten()).sum(), {"terms": float(b["m"].sum())}
+
+    def one_step(rows, accum):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=50, context_length=8, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+        par = parallelize(model, DistInfo(), "ddp", torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = train_step(par, Masked(rows), opt, 0.1, accum, 0.0, contextlib.nullcontext(), seed=0)
+        return model, out
+
+    split, s_out = one_step([slice(0, 1), slice(1, 2)], accum=2)
+    whole, w_out = one_step([slice(0, 2)], accum=1)
+    for (name, a), b in zip(split.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert s_out["loss"] == pytest.approx(w_out["loss"], rel=1e-5) and s_out["terms"] == 1.0
+
+
+def test_weight_decay_only_on_matrices_that_are_not_embeddings():
+    from scratchlm.model import GPT, ModelConfig
+    from scratchlm.train.trainer import make_optimizer
+    for tied in (True, False):
+        model = GPT(ModelConfig(vocab_size=64, context_length=8, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                bias=True, tie_embeddings=tied))
+        model.layers[1].ffn.up_proj.weight.requires_grad_(False)  # frozen: not optimised at all
+        opt = make_optimizer(model, load_config("tiny").train, torch.device("cpu"))
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
+        no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
+        expected = {f"layers.{i}.{w}.weight" for i in (0, 1) for w in ("attn.qkv", "attn.out", "ffn.up_proj",
+                                                                        "ffn.down_proj")}
+        expected -= {"layers.1.ffn.up_proj.weight"}
+        if not tied:
+            expected.add("lm_head.weight")
+        assert decay == expected and opt.param_groups[0]["weight_decay"] > 0
+        assert "embed_tokens.weight" in no_decay and "pos_embed.weight" in no_decay
+        assert all(n.endswith("bias") or "norm" in n or "embed" in n for n in no_decay)
+        assert "layers.1.ffn.up_proj.weight" not in decay | no_decay
+
+
+def test_sigint_checkpoints_and_exits_cleanly(tmp_path, tiny_dataset):
+    """Ctrl-C (SIGINT, not only SIGTERM): finish the step, checkpoint, exit 0, no KeyboardInterrupt."""
+    args = ["pretrain", "--config", "tiny", "--data", str(tiny_dataset), "--set", "train.max_steps=100000",
+            "--set", "train.checkpoint_every=0", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=t"] + \
+           [x for s in SMALL for x in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "t"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in err and "interrupted" not in err
+    (last,) = ckpt.list_checkpoints(run / "checkpoints")
+    assert ckpt.validate(last) is None and int(last.name.split("_")[1]) == len(losses(run))
+
+
+def test_compile_true_trains(tmp_path, tiny_dataset):
+    """torch.compile either works (the loss matches eager) or falls back with one message."""
+    messages = []
+    sets = SMALL + ["train.max_steps=3", f"run.out_dir={tmp_path}"]
+    compiled = pretrain(load_config("tiny", sets + ["run.name=c", "train.compile=true"]), tiny_dataset, quiet=True,
+                        log=messages.append)
+    eager = pretrain(load_config("tiny", sets + ["run.name=e"]), tiny_dataset, quiet=True, log=lambda *_: None)
+    assert compiled.step == 3
+    if not any("torch.compile failed" in m for m in messages):
+        assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), abs=1e-4)

@@ -18,14 +18,16 @@ from scratchlm.model.config import ModelConfig
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: torch.Tensor | None) -> torch.Tensor:
-    """The teaching path. q: (B, H, Tq, d); k, v: (B, H, Tk, d); mask: True = may attend."""
+                       mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """The teaching path. q: (B, H, Tq, d); k, v: (B, H, Tk, d); mask: True = may attend.
+    dropout_p: drop attention weights at random in training (what SDPA's dropout_p does)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))        # (B, H, Tq, Tk) similarities
     if mask is None:  # plain causal: query t sees keys 0..t
         Tq, Tk = q.size(-2), k.size(-2)
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     scores = scores.masked_fill(~mask, float("-inf"))                # no peeking at the future
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)      # each row sums to 1
+    weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     return weights @ v                                               # weighted mix of the values
 
 
@@ -94,14 +96,14 @@ class CausalSelfAttention(nn.Module):
         if self.kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+        dropout = self.dropout if self.training else 0.0
         if self.explicit:
-            y = explicit_attention(q, k, v, mask)
+            y = explicit_attention(q, k, v, mask, dropout)
         elif mask is None and k.size(2) == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             if mask is None:  # queries are the last T positions of the keys
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads back side by side
         return self.out(y)

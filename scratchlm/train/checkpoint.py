@@ -3,8 +3,9 @@
     checkpoints/step_000200/
         model.safetensors     weights (safetensors: plain tensors, no code)
         optimizer.pt          AdamW moments; loaded with weights_only=True (no arbitrary objects)
-        state.json            step, tokens, planned steps, data-loader position, best val loss,
-                              Python/NumPy RNG states, config, tokenizer fingerprint
+        state.json            step, tokens, planned steps, data position, best val loss,
+                              Python/NumPy RNG states, config, tokenizer fingerprint, and "task":
+                              what trained it ({"kind": "pretrain"}, an SFT template, ...)
         rng.pt                torch RNG states (CPU and CUDA), weights_only
         manifest.json         sha256 of every file above — written last; a checkpoint without a
                               matching manifest is not a checkpoint
@@ -18,6 +19,8 @@ checkpoint the same way. (The sharded directory must be on a filesystem every ra
 
 The directory is written as .step_000200.tmp, fsynced, and renamed: a kill at any moment leaves
 either the old set of checkpoints or the old set plus one complete new one.
+(`--resume` removes the staged directories a kill left behind.) The best model so far is kept as
+best/step_N, named by the step it comes from.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Progress on the terminal, metrics in a JSONL file (one JSON object per line)."""
+"""Progress on the terminal, metrics in a JSONL file (one JSON object per line), training speed."""
 
 from __future__ import annotations
 
@@ -91,3 +91,27 @@ class Progress:
             self.stream.write("\r" + " " * 110 + "\r")
         self.stream.write(text + "\n")
         self.stream.flush()
+
+
+class Speed:
+    """Tokens per second over training steps only: not evaluation or checkpoint time, and not the
+    first step of a session (torch.compile and allocator warm-up) once there are others."""
+
+    def __init__(self):
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.first: tuple[int, float] | None = None
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        if self.first is None:
+            self.first = (tokens, seconds)
+        else:
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    def tokens_per_s(self) -> float:
+        tokens, seconds = (self.tokens, self.seconds) if self.steps > 1 else (self.first or (0, 0.0))
+        return tokens / max(seconds, 1e-9)
+
+    def eta(self, steps_left: int) -> float:
+        per_step = self.seconds / (self.steps - 1) if self.steps > 1 else (self.first or (0, 0.0))[1]
+        return steps_left * per_step

@@ -38,7 +38,7 @@ from scratchlm.model import GPT
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.distributed import Parallel, agree_on_stop, all_ranks_agree, barrier, parallelize, setup, teardown
 from scratchlm.train.hardware import peak_flops
-from scratchlm.train.logger import MetricsLog, Progress
+from scratchlm.train.logger import MetricsLog, Progress, Speed
 from scratchlm.train.objective import Objective, PretrainObjective
 from scratchlm.train.precision import autocast, pick_device, pick_precision
 from scratchlm.train.schedule import TimeBudget, lr_continued
@@ -117,8 +117,12 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
         f"{precision}, {info.world_size} process(es) x {micro_batch} per micro-step x {tc.grad_accum} micro-steps; "
         f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_source})")
 
+    talks = info.is_main or par.sharded  # who saves, evaluates and samples: rank 0, or every rank under FSDP
+
     def save(step: int, root: Path, optimizer) -> None:
-        """A checkpoint (every rank under FSDP: each holds a piece), or one clear line if the disk is full."""
+        """A checkpoint, or one clear line if the disk is full."""
+        if not talks:
+            return
         extra = {"data": objective.state_dict(), "model": model_fingerprint(cfg), "task": objective.checkpoint_meta(),
                  "tokenizer_fingerprint": objective.tokenizer.fingerprint, "config": dataclasses.asdict(cfg)}
         try:
@@ -131,7 +135,9 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
             ckpt.prune(root, tc.keep_last if optimizer is not None else 1, protect=saved)
 
     def evaluate(step: int) -> dict:
-        """Held-out metrics and samples (rank 0; every rank under FSDP), logged; the best model kept."""
+        """Held-out metrics and samples, logged; the best model kept, named by its step."""
+        if not talks:
+            return {}
         model.eval()
         with amp:
             scores = objective.evaluate(model)
@@ -142,10 +148,12 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
         show(samples)
         if tc.keep_best and scores["val_loss"] < state["best_val_loss"]:
             state["best_val_loss"] = scores["val_loss"]
-            save(step, run_dir / "best", None)  # named by the step it comes from
+            save(step, run_dir / "best", None)
         return {"step": step, **scores, "samples": samples}
 
     def sample(step: int) -> None:
+        if not talks:
+            return
         model.eval()
         texts = objective.samples(model)
         model.train()
@@ -157,69 +165,56 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
         for prompt, text in samples.items():
             progress.message(f"  {prompt!r} -> {(prompt + text)[:160]!r}")
 
+    def log_step(step: int, lr: float, out: dict) -> None:
+        speed.add(out["tokens"], out["seconds"])
+        tok_s = speed.tokens_per_s()
+        mfu = tok_s * flops_per_token / (peak * info.world_size)  # per device, as the peak is
+        metrics.write({"step": step, **{k: v for k, v in out.items() if k not in ("tokens", "seconds")}, "lr": lr,
+                       "tokens": state["tokens"], "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
+                       "elapsed": round(state["elapsed"], 2)})
+        progress.total = state["planned_steps"]
+        if every(step, tc.log_every) or step == state["planned_steps"]:
+            progress.update(step, out["loss"], tok_s, mfu, lr, speed.eta(state["planned_steps"] - step))
+
     # --- the loop ----------------------------------------------------------------------------
     step = first_step = state["step"]
     budget = TimeBudget(tc.max_minutes, elapsed=state["elapsed"])
     progress = Progress(state["planned_steps"], enabled=info.is_main and not quiet)
-    talks = info.is_main or par.sharded  # who evaluates and samples
-    stopped_by, final_eval, evaluated = "steps", {}, False
-    speed, started = Speed(), time.time()
+    speed, started, stopped_by, final_eval = Speed(), time.time(), "steps", {}
     model.train()
     with _StopFlag() as stop:
         while True:
             last_step = step >= state["planned_steps"] or stopped_by == "signal"
-            busy_since = time.time()
+            evaluated, busy_since = False, time.time()
 
-            # save, evaluate, sample: once in a while, and after the last step
-            trained_here = step > first_step
-            if trained_here and (last_step or every(step, tc.checkpoint_every)) and (info.is_main or par.sharded):
-                save(step, ckpt_root, optimizer)
-            if stopped_by == "signal":
-                progress.message(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
-                break
-            evaluated = trained_here and (last_step or every(step, tc.eval_every))
-            if evaluated and talks:
-                final_eval = evaluate(step)
-            elif trained_here and every(step, tc.sample_every) and talks:
-                sample(step)
-            if trained_here and (last_step or every(step, tc.checkpoint_every) or every(step, tc.eval_every)
-                                 or every(step, tc.sample_every)):
-                barrier(info)
+            # once in a while and at the end: save, then evaluate or sample (a crash there loses no training)
+            if step > first_step:
+                if last_step or every(step, tc.checkpoint_every):
+                    save(step, ckpt_root, optimizer)
+                if stopped_by == "signal":
+                    progress.message(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
+                    break
+                evaluated = last_step or every(step, tc.eval_every)
+                if evaluated:
+                    final_eval = evaluate(step)
+                elif every(step, tc.sample_every):
+                    sample(step)
             budget.add_busy(time.time() - busy_since)
             if last_step:
                 break
 
             # one training step
             lr = lr_continued(step, state["planned_steps"], tc, state["lr_anchor"])
-            t = time.time()
             out = train_step(par, objective, optimizer, lr, tc.grad_accum, tc.grad_clip, amp,
                              seed=step_seed(cfg.run.seed, info.rank, step), log=say)
-            if not math.isfinite(out["loss"]):
-                raise UserError(f"loss became {out['loss']} at step {step}; lower train.lr or check the data")
             step = state["step"] = step + 1
             state["tokens"] += out["tokens"]
-            speed.add(out["tokens"], time.time() - t)
 
-            # the budget: rank 0's plan and clock decide for every rank
-            plan, reason = state["planned_steps"], "steps"
-            if tc.max_minutes:
-                plan = budget.after_step(step, plan, evaluated=evaluated, eval_every=tc.eval_every)
-            if tc.max_tokens and state["tokens"] >= tc.max_tokens:
-                plan, reason = step, "tokens"
-            if tc.max_minutes and budget.expired():
-                plan, reason = step, "minutes"
-            state["planned_steps"], stopped_by = agree_on_stop(plan, "signal" if stop.stop else reason, info)
+            # the budget: rank 0's plan and clock decide, every rank follows (same LR, same last step)
+            state["planned_steps"], stopped_by = next_plan(step, state, tc, budget, evaluated, stop.stop, info)
             state["elapsed"] = budget.elapsed()
 
-            # logging
-            tok_s = speed.tokens_per_s()
-            mfu = tok_s * flops_per_token / (peak * info.world_size)
-            record = {k: v for k, v in out.items() if k != "tokens"}
-            metrics.write({"step": step, **record, "lr": lr, "tokens": state["tokens"], "tok_per_s": round(tok_s, 1),
-                           "mfu": round(mfu, 4), "elapsed": round(state["elapsed"], 2)})
-            progress.total = state["planned_steps"]
-            if every(step, tc.log_every) or step == state["planned_steps"]:
-                progress.update(step, out["loss"], tok_s, mfu, lr, speed.eta(state["planned_steps"] - step))
+            log_step(step, lr, out)
 
     metrics.close()
     teardown(info)
@@ -231,7 +226,9 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
 def train_step(par: Parallel, objective: Objective, optimizer: torch.optim.Optimizer, lr: float, grad_accum: int,
                grad_clip: float, amp, seed: int, log: Callable[[str], None] = print) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches on every rank. Returns the step's loss
-    (the mean over every loss term of the step, all ranks), its metrics and the tokens it saw."""
+    (the mean over every loss term of the step, all ranks), its metrics, the tokens it saw (all
+    ranks) and the seconds it took."""
+    started = time.time()
     torch.manual_seed(seed)  # dropout: different on every rank and step, the same again on resume
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -257,7 +254,10 @@ def train_step(par: Parallel, objective: Objective, optimizer: torch.optim.Optim
     par.compiled_ok = True
     names = sorted(sums)
     reduced = par.sum([loss_sum, float(tokens)] + [sums[k] for k in names])
-    return {"loss": reduced[0] / max(total, 1.0), "tokens": int(reduced[1]),
+    loss = reduced[0] / max(total, 1.0)
+    if not math.isfinite(loss):
+        raise UserError(f"the loss became {loss}; lower train.lr or check the data")
+    return {"loss": loss, "tokens": int(reduced[1]), "seconds": time.time() - started,
             **{k: v / max(total, 1.0) for k, v in zip(names, reduced[2:])}}
 
 
@@ -278,6 +278,21 @@ def _objective_loss(par: Parallel, objective: Objective, batch: dict, amp, log) 
 
 # --- the pieces the loop calls ----------------------------------------------------------------
 
+def next_plan(step: int, state: dict, tc, budget: TimeBudget, evaluated: bool, signalled: bool,
+              info) -> tuple[int, str]:
+    """(planned steps, why the run stops there) after `step`: the time budget re-planned from the
+    measured speed, the token budget, the clock, a signal. Rank 0's plan and clock decide for all
+    ranks; a signal to any rank stops them all."""
+    plan, reason = state["planned_steps"], "steps"
+    if tc.max_minutes:
+        plan = budget.after_step(step, plan, evaluated=evaluated, eval_every=tc.eval_every)
+    if tc.max_tokens and state["tokens"] >= tc.max_tokens:
+        plan, reason = step, "tokens"
+    if tc.max_minutes and (budget.expired() or step >= plan < tc.max_steps):  # out of time, or of the steps that fit
+        plan, reason = step, "minutes"
+    return agree_on_stop(plan, "signal" if signalled else reason, info)
+
+
 def every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
@@ -294,30 +309,6 @@ def micro_batch_size(tc, world_size: int) -> int:
                         f"({tc.grad_accum}) x processes ({world_size}); e.g. batch_size="
                         f"{max(tc.batch_size // (tc.grad_accum * world_size), 1) * tc.grad_accum * world_size}")
     return tc.batch_size // (tc.grad_accum * world_size)
-
-
-class Speed:
-    """Tokens per second over training steps only: not evaluation or checkpoint time, and not the
-    first step of a session (torch.compile and allocator warm-up) once there are others."""
-
-    def __init__(self):
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
-        self.first: tuple[int, float] | None = None
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.steps += 1
-        if self.first is None:
-            self.first = (tokens, seconds)
-        else:
-            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
-
-    def tokens_per_s(self) -> float:
-        tokens, seconds = (self.tokens, self.seconds) if self.steps > 1 else (self.first or (0, 0.0))
-        return tokens / max(seconds, 1e-9)
-
-    def eta(self, steps_left: int) -> float:
-        per_step = self.seconds / (self.steps - 1) if self.steps > 1 else (self.first or (0, 0.0))[1]
-        return steps_left * per_step
 
 
 def make_optimizer(model: nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
