@@ -163,7 +163,7 @@ def cmd_finetune(a) -> None:
     if shape:
         raise UserError(f"--set {shape[0]}: a fine-tune keeps the base checkpoint's model shape; drop the model.* "
                         f"setting (finetune.max_length limits the example length)")
-    cfg = load_config(a.config, a.overrides)
+    cfg = load_config(a.config, a.overrides + (["finetune.train_on_prompt=true"] if a.train_on_prompt else []))
     out = Path(a.out)
     cfg.run.out_dir, cfg.run.name = str(out.parent), out.name
     run = finetune_classify if a.task == "classify" else finetune_sft
@@ -421,13 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint: a classifier, or instruction following (SFT)",
                        formatter_class=fmt)
-    p.add_argument("task", choices=["classify", "sft"])
+    p.add_argument("task", choices=["classify", "sft"], help="classify: a classifier head; sft: instruction following")
     p.add_argument("--ckpt", required=True, help="base checkpoint or run directory")
     p.add_argument("--data", required=True, help="classify: label<TAB>text TSV, CSV or JSONL {text, label}; "
                    "sft: Alpaca JSON/JSONL {instruction, input, output} or chat JSONL {messages}")
     p.add_argument("--out", required=True, help="run directory, e.g. runs/spam")
     p.add_argument("--config", default="finetune", help="preset name or .toml path")
     p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    p.add_argument("--train-on-prompt", action="store_true", help="sft: the loss covers prompt tokens too "
+                   "(= --set finetune.train_on_prompt=true)")
     _add_set(p)
     p.set_defaults(func=cmd_finetune)
 

@@ -317,3 +317,33 @@ def test_sft_resume_is_exact(tmp_path, base_run, shared):
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     resumed = load_file(str(last / "model.safetensors"))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_sft_step_is_the_same_whatever_the_micro_batches_and_ranks(tmp_path, base_run, shared):
+    """One optimizer step of 4 examples as 1 micro-batch, as 2 accumulated micro-batches, and as
+    2 DDP ranks x 2 micro-batches: the loss is averaged over the step's response tokens, so all
+    three give the same weights (a per-micro-batch mean would weigh short answers more)."""
+    import os
+    import socket
+    from safetensors.torch import load_file
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = tmp_path / "instr.json"
+    data.write_text(json.dumps(json.loads((shared / "instruction-data.json").read_text())[:40]))
+
+    def args(name, *extra):
+        return ["finetune", "sft", "--ckpt", str(base_run), "--data", str(data), "--out", str(tmp_path / name),
+                *sets("train.max_steps=3", "train.lr=3e-3", "train.eval_every=0", "train.keep_best=false", *extra)]
+    assert cli(*args("one")).returncode == 0
+    assert cli(*args("accum", "train.grad_accum=2")).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={port}", "-m", "scratchlm", *args("ddp", "train.grad_accum=2")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    w = {n: load_file(str(tmp_path / n / "checkpoints" / "step_000003" / "model.safetensors"))
+         for n in ("one", "accum", "ddp")}
+    for other in ("accum", "ddp"):
+        for k in w["one"]:
+            torch.testing.assert_close(w["one"][k], w[other][k], atol=2e-5, rtol=1e-4)
