@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint: a classifier, or instruction following (SFT)",
                        formatter_class=fmt)
-    p.add_argument("task", choices=["classify", "sft"])
+    p.add_argument("task", choices=["classify", "sft"], help="what to fine-tune for")
     p.add_argument("--ckpt", required=True, help="base checkpoint or run directory")
     p.add_argument("--data", required=True, help="classify: label<TAB>text TSV, CSV or JSONL {text, label}; "
                    "sft: Alpaca JSON/JSONL {instruction, input, output} or chat JSONL {messages}")
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="classifier checkpoint or run directory")
     p.add_argument("--file", help="a file of texts, one per line (- for stdin)")
     p.add_argument("--json", action="store_true", help="one JSON object per text, with every class's probability")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("eval", help="perplexity / bits-per-byte, MMLU, HellaSwag, ARC, a classifier, preference pairs",
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("align", help="preference alignment (DPO) of a fine-tuned checkpoint", formatter_class=fmt)
-    asub = p.add_subparsers(dest="method", required=True)
+    asub = p.add_subparsers(dest="method", required=True, help="the alignment method")
     t = asub.add_parser("dpo", help="Direct Preference Optimization on chosen/rejected pairs", formatter_class=fmt)
     t.add_argument("--ckpt", required=True, help="starting checkpoint or run (usually SFT); also the reference")
     t.add_argument("--data", required=True, help="pairs: JSONL {prompt, chosen, rejected}, the book's preference "
