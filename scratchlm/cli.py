@@ -223,6 +223,10 @@ def cmd_eval(a) -> None:
 def cmd_align(a) -> None:
     from scratchlm.align.pipeline import align_dpo
     from scratchlm.config import load_config
+    shape = [o for o in a.overrides if o.strip().startswith("model.")]
+    if shape:
+        raise UserError(f"--set {shape[0]}: DPO keeps the starting checkpoint's model shape; drop the model.* "
+                        f"setting")
     extra = [f"run.out_dir={Path(a.out).parent}", f"run.name={Path(a.out).name}"]
     if a.beta is not None:
         extra.append(f"dpo.beta={a.beta}")
