@@ -240,6 +240,10 @@ def cmd_eval(a) -> None:
 def cmd_align(a) -> None:
     from scratchlm.align.pipeline import align_dpo
     from scratchlm.config import load_config
+    shape = [o for o in a.overrides if o.strip().startswith("model.")]
+    if shape:
+        raise UserError(f"--set {shape[0]}: DPO keeps the starting checkpoint's model shape; drop the model.* "
+                        f"setting")
     extra = [f"run.out_dir={Path(a.out).parent}", f"run.name={Path(a.out).name}"]
     if a.beta is not None:
         extra.append(f"dpo.beta={a.beta}")
@@ -462,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("align", help="preference alignment (DPO) of a fine-tuned checkpoint", formatter_class=fmt)
-    asub = p.add_subparsers(dest="method", required=True)
+    asub = p.add_subparsers(dest="method", required=True, help="the alignment method")
     t = asub.add_parser("dpo", help="Direct Preference Optimization on chosen/rejected pairs", formatter_class=fmt)
     t.add_argument("--ckpt", required=True, help="starting checkpoint or run (usually SFT); also the reference")
     t.add_argument("--data", required=True, help="pairs: JSONL {prompt, chosen, rejected}, the book's preference "

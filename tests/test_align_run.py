@@ -116,6 +116,9 @@ def test_refusals_are_one_line(tmp_path, base, pairs_file, small_tokenizer, caps
                  "--set", "dpo.template=alpaca"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "chosen and rejected are identical" in err
+    assert main(["align", "dpo", "--ckpt", str(base), "--data", str(pairs_file), "--out", str(tmp_path / "z"),
+                 "--set", "model.n_layers=3"]) == 2
+    assert "keeps the starting checkpoint's model shape" in capsys.readouterr().err
     assert not (tmp_path / "z" / "pairs.json").exists()
 
 
