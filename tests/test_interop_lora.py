@@ -137,3 +137,32 @@ def test_finetune_sft_from_imported_gpt2_then_export(tmp_path, shared):
         text = exported_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert text == alpaca.prompt(msgs)
         assert exported_tok.encode(text, add_special_tokens=False) == tok.encode(text, allowed_special="all")
+
+
+@pytest.mark.parametrize("case", ["gpt2-tied-all", "gpt2-qv", "llama-gqa-untied-all"])
+def test_peft_adapter_on_the_exported_base_gives_our_logits(tmp_path, case):
+    peft = pytest.importorskip("peft")
+    import json
+    preset, overrides, targets = LORA_CASES[case]
+    base = make_run(tmp_path, "base", preset, overrides)
+    run = make_lora_run(tmp_path, "lora", base, targets)
+    base_hf = export_hf(base, tmp_path / "hf_base")
+    adapter = tmp_path / "adapter"
+    assert main(["export", "hf", "--ckpt", str(run), "--out", str(adapter), "--peft-adapter"]) == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if preset == "gpt2-124m":  # GPT-2's two c_proj are told apart; the fused c_attn gets one adapter
+        modules = config["target_modules"]
+        assert "attn.c_attn" in modules and ("mlp.c_proj" in modules) == ("mlp" in targets)
+    ours, tok, _ = load_for_inference(run, device="cpu")
+    ids = tok.encode(" ".join(TEXTS))[:64]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits
+        our_logits = ours(torch.tensor([ids]))[0]
+    assert (theirs - our_logits).abs().max().item() <= 1e-4
+    with model.disable_adapter(), torch.no_grad():
+        assert (model(torch.tensor([ids])).logits - our_logits).abs().max().item() > 0.1  # the adapters matter
+    assert transformers.AutoTokenizer.from_pretrained(adapter).chat_template  # the run's template travels along
+    assert main(["export", "gguf", "--ckpt", str(run), "--out", str(tmp_path / "m.gguf"), "--peft-adapter"]) == 2
+    assert main(["export", "hf", "--ckpt", str(base), "--out", str(tmp_path / "x"), "--peft-adapter"]) == 2
