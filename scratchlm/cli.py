@@ -281,10 +281,19 @@ def cmd_generate(a) -> None:
 
 def cmd_export(a) -> None:
     if a.format == "hf":
+        if a.peft_adapter:
+            from scratchlm.interop.peft_adapter import export_peft_adapter
+            out = export_peft_adapter(a.ckpt, a.out, template=a.template)
+            print(f"exported the LoRA adapters of {a.ckpt} -> {out} (load with peft's PeftModel.from_pretrained("
+                  f"AutoModelForCausalLM.from_pretrained(BASE), {str(out)!r}), BASE = `scratchlm export hf` of the "
+                  f"run's base)")
+            return
         from scratchlm.interop.hf import export_hf
         out = export_hf(a.ckpt, a.out, template=a.template)
         print(f"exported {a.ckpt} -> {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
     else:
+        if a.peft_adapter:
+            raise UserError("--peft-adapter is for `export hf`; `export gguf` merges a LoRA run's adapters")
         from scratchlm.interop.gguf import export_gguf
         out = export_gguf(a.ckpt, a.out, template=a.template)
         print(f"exported {a.ckpt} -> {out} (GGUF for llama.cpp)")
@@ -505,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new directory (hf) or FILE.gguf (gguf)")
     p.add_argument("--template", choices=["chat", "alpaca", "none"], default=None,
                    help="chat template to ship (default: the one a fine-tuned checkpoint records, else none)")
+    p.add_argument("--peft-adapter", action="store_true",
+                   help="hf, a LoRA run: write a peft adapter directory for the exported base instead of merging")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="a Hugging Face GPT-2/Llama directory as a scratchlm run", formatter_class=fmt)
