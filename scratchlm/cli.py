@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory or a llama.cpp GGUF file",
                        formatter_class=fmt)
-    p.add_argument("format", choices=["hf", "gguf"])
+    p.add_argument("format", choices=["hf", "gguf"], help="hf: a transformers directory; gguf: one llama.cpp file")
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--out", required=True, help="new directory (hf) or FILE.gguf (gguf)")
     p.add_argument("--template", choices=["chat", "alpaca", "none"], default=None,
@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="a Hugging Face GPT-2/Llama directory as a scratchlm run", formatter_class=fmt)
-    p.add_argument("format", choices=["hf"])
+    p.add_argument("format", choices=["hf"], help="hf: a Hugging Face GPT-2 or Llama directory")
     p.add_argument("src", help="directory with config.json, weights and tokenizer.json")
     p.add_argument("--out", required=True, help="new run directory")
     p.set_defaults(func=cmd_import)

@@ -138,3 +138,12 @@ def test_cli_align_and_eval_preference(tmp_path, base, pairs_file, capsys):
     prompts, _ = task_prompts(state["task"], Tokenizer.load(out / "tokenizer"), ["Say kind."])
     assert prompts[0].endswith("### Response:\n") and "Say kind." in prompts[0]
     assert main(["generate", "--ckpt", str(out), "--prompt", "Say kind.", "--max-new-tokens", "3", "--greedy"]) == 0
+    # running into the finished run without --resume is refused before any of its files is touched
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    other = tmp_path / "other_pairs.jsonl"
+    other.write_text(json.dumps({"prompt": "Other?", "chosen": "Yes, gladly.", "rejected": "No."}) + "\n")
+    capsys.readouterr()
+    assert main(["align", "dpo", "--ckpt", str(base), "--data", str(other), "--out", str(out),
+                 "--set", "dpo.template=alpaca"]) == 2
+    assert "already holds a DPO run" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before

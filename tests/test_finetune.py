@@ -41,6 +41,20 @@ def test_ids_are_prompt_then_response_then_end_at_an_exact_boundary(small_tokeni
     assert mask == [False] * len(prompt) + [True] * (len(response) + 1)
 
 
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+@pytest.mark.parametrize("answer", ["\n\nhello", "  hello", "\n   two spaces", " hello"])
+def test_a_response_that_merges_with_the_prompts_end_keeps_its_own_tokens(small_tokenizer, template, answer):
+    """Every prompt ends in a newline; a response that starts with whitespace merges with it when the
+    joined string is encoded ("\n" + "\n\n" -> one token), so "count the prompt's tokens and mask the
+    rest" would mask the wrong tokens. Built piece by piece, the masked tokens are exactly the response."""
+    tok, t = small_tokenizer, get_template(template)
+    msgs = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": answer}]
+    ids, mask = encode_conversation(tok, t, msgs)
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(trained[:-1]) == answer and trained[-1] == tok.special_tokens[t.end_token]
+    assert tok.decode([i for i, m in zip(ids, mask) if not m]) == t.prompt(msgs[:1])
+
+
 def test_end_token_carries_loss_even_when_padding_is_end_of_text(small_tokenizer):
     tok = small_tokenizer
     t = get_template("alpaca")  # end token = <|endoftext|>, and we pad with the same id here

@@ -484,6 +484,14 @@ def test_resume_removes_what_a_killed_save_left(tmp_path, tiny_dataset):
     pretrain(more, tiny_dataset, resume=True, quiet=True, log=messages.append)
     assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
     assert sum("left by an interrupted save" in m for m in messages) == 3
+    # killed between the two renames of a re-save: step_4 is gone and `.old` is its only copy — put back, not deleted
+    (root / "step_000004").rename(root / ".step_000004.old")
+    (root / ".step_000004.tmp").mkdir()
+    messages = []
+    longer = load_config("tiny", SMALL + ["train.max_steps=5", f"run.out_dir={tmp_path}", "run.name=r"])
+    pretrain(longer, tiny_dataset, resume=True, quiet=True, log=messages.append)
+    assert any("resumed from" in m and "step_000004" in m for m in messages), messages
+    assert sorted(p.name for p in root.iterdir()) == ["step_000004", "step_000005"]
 
 
 @pytest.mark.parametrize("override,match", [

@@ -99,6 +99,8 @@ def align_dpo(cfg: Config, start: str, data: str, ref: str | None = None, resume
     from scratchlm.train.trainer import train
     _check(cfg)
     d = cfg.dpo
+    if not resume and (cfg.run_dir / PAIRS_FILE).exists():  # refuse before writing anything into another run
+        raise UserError(f"{cfg.run_dir} already holds a DPO run; pass --resume to continue it, or choose another --out")
     model, tok, meta = load_for_inference(start, device="cpu")
     if meta["state"]["task"].get("kind") == "classify":
         raise UserError(f"{start} is a classifier; DPO starts from a language model (an SFT run)")

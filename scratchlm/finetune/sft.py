@@ -180,7 +180,8 @@ class SFTObjective(Objective):
         if not self.val_prompts:
             return {}
         new = generate_ids(model, self.val_prompts[:2], SamplingConfig(
-            max_new_tokens=self.sample_tokens, temperature=0, stop_tokens=[self.end_id]), truncate_prompt=True)
+            max_new_tokens=self.sample_tokens, temperature=0, stop_tokens=[self.end_id]), truncate_prompt=True,
+            vocab_size=self.tokenizer.vocab_size)
         model.train()
         return {"..." + self.tokenizer.decode(p)[-60:]: self.tokenizer.decode(t) for p, t in zip(self.val_prompts, new)}
 
@@ -225,7 +226,8 @@ def answer(model: nn.Module, tok, template: Template, prompts: list[list[dict]],
     for i in range(0, len(prompts), batch):
         ids = [tok.encode(template.prompt(m), allowed_special="all") for m in prompts[i:i + batch]]
         new = generate_ids(model, ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0,
-                                                      stop_tokens=[end_id]), truncate_prompt=True)
+                                                      stop_tokens=[end_id]), truncate_prompt=True,
+                           vocab_size=tok.vocab_size)
         # generate_ids leaves the stop token out: fewer than max_new_tokens means it stopped on it.
         out += [(tok.decode(t), len(t) < max_new_tokens) for t in new]
     return out

@@ -246,8 +246,8 @@ def _count(use: dict, reqs: list[Request], i: int, ev: Event, counted: set[int])
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, device: str = "auto",
           max_batch: int = 16, max_queue: int = 64, model_name: str | None = None) -> None:
     """`scratchlm serve`: load a checkpoint, start the engine, run uvicorn until Ctrl-C."""
-    if max_batch < 1 or max_queue < 0:
-        raise UserError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch} and {max_queue})")
+    if max_batch < 1 or max_queue < 1:
+        raise UserError(f"--max-batch and --max-queue must be >= 1 (got {max_batch} and {max_queue})")
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
     try:

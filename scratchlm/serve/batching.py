@@ -245,11 +245,12 @@ class Engine:
 
     def _take(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample one token per row (each with its own settings and generator) and act on it."""
-        tokens = logits.argmax(dim=-1).tolist()
+        V = self.tokenizer.vocab_size  # a padded output layer has ids the tokenizer cannot decode: never pick them
+        tokens = sample_next(logits, SamplingConfig(temperature=0), None, vocab_size=V).tolist()
         for i, row in enumerate(rows):
             if row.req.temperature > 0:
                 cfg = SamplingConfig(temperature=row.req.temperature, top_p=row.req.top_p)
-                tokens[i] = int(sample_next(logits[i:i + 1], cfg, row.generator)[0])
+                tokens[i] = int(sample_next(logits[i:i + 1], cfg, row.generator, vocab_size=V)[0])
         for row, t in zip(rows, tokens):
             row.generated += 1
             row.last = t

@@ -103,15 +103,25 @@ class ChatFormat:
                                                                                      for m in messages):
             raise UserError("messages: the alpaca template needs a user message")
         msgs = [dict(m) for m in messages]
-        dropped = 0
+        older = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+
+        def without_oldest(k: int) -> list[dict]:
+            gone = set(older[:k])
+            return [m for i, m in enumerate(msgs) if i not in gone]
+
+        # The fewest oldest turns to drop, by bisection: dropping more never makes the prompt longer, and
+        # re-encoding once per dropped turn would make a long conversation cost quadratic time.
+        lo, hi = 0, len(older)
+        if len(self.encode(msgs)) > budget:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(self.encode(without_oldest(mid))) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+        dropped = lo
+        msgs = without_oldest(dropped)
         ids = self.encode(msgs)
-        while len(ids) > budget:
-            older = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
-            if not older:
-                break
-            del msgs[older[0]]
-            dropped += 1
-            ids = self.encode(msgs)
         if len(ids) > budget:  # the last message alone is too long: keep the end of its text
             last = msgs[-1]
             content = self.tokenizer.encode_ordinary(last["content"])

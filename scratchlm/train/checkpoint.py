@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -183,14 +184,23 @@ def latest_valid(ckpt_root: Path, log=print) -> Path | None:
 
 
 def remove_staging(ckpt_root: Path) -> list[str]:
-    """Remove what a killed save leaves behind: staged `.step_N.*.tmp` directories (never
-    published, so never a checkpoint) and `.step_N.old` ones (replaced). They can be GBs."""
+    """Clean up what a killed save leaves behind. Staged `.step_N.*.tmp` directories were never
+    published, so never a checkpoint: removed (they can be GBs). A `.step_N.old` is the previous
+    copy of `step_N`, moved aside just before the new one took its name: if the kill came between
+    the two renames, `step_N` is missing and `.old` is the only copy, so it is put back; otherwise
+    it was replaced and goes."""
     root = Path(ckpt_root)
     stale = [p for p in root.glob(".step_*") if p.is_dir() and p.name.endswith((".tmp", ".old"))] \
         if root.exists() else []
+    removed = []
     for p in stale:
+        final = root / p.name[1:-len(".old")] if p.name.endswith(".old") else None
+        if final is not None and not final.exists():
+            os.replace(p, final)  # the only copy of a published checkpoint: restore it
+            continue
         shutil.rmtree(p, ignore_errors=True)
-    return sorted(p.name for p in stale)
+        removed.append(p.name)
+    return sorted(removed)
 
 
 def prune(ckpt_root: Path, keep_last: int, protect: Path | None = None) -> None:
