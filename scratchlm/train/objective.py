@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from scratchlm.data.dataset import RandomWindowLoader
 from scratchlm.data.shards import load_split
@@ -134,9 +133,10 @@ class PretrainObjective(Objective):
         return batch["input"].numel()
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, _ = model(batch["input"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(), reduction="sum")
-        return loss, {}
+        # Given targets, the model computes the mean loss itself, through the chunked output head where it
+        # can (model/gpt.py `head_cross_entropy`: the tokens x vocab logits are never materialised).
+        _, mean = model(batch["input"], batch["target"])
+        return mean * batch["target"].numel(), {}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         # The trainer runs this under its autocast; evaluate_tokens must not override it.
