@@ -18,10 +18,43 @@ import torch.nn as nn
 
 from scratchlm.config import LoraConfig
 from scratchlm.errors import UserError
-from scratchlm.finetune.lora import add_lora, base_fingerprint, load_adapter_tensors, merge_and_unload
+from scratchlm.finetune.data import EpochSampler
+from scratchlm.finetune.lora import adapter_state, add_lora, base_fingerprint, load_adapter_tensors, merge_and_unload
 from scratchlm.model import GPT
+from scratchlm.train.objective import Objective
 
 TRAINABLE = ("head", "last-block", "all", "lora")
+
+
+class FinetuneObjective(Objective):
+    """What the classifier and SFT objectives share: examples drawn epoch by epoch by an
+    `EpochSampler` whose position resumes exactly, the run's `meta` (recorded in every
+    checkpoint), and adapter-only checkpoints for a LoRA run."""
+
+    sampler: EpochSampler | None = None
+    _pending_state: dict | None = None   # a position loaded before setup() built the sampler
+    meta: dict = {}
+
+    def _start_sampler(self, rank: int, world_size: int, micro_batch: int, seed: int,
+                       groups: list[list[int]] | None = None) -> None:
+        self.sampler = EpochSampler(len(self.train_set), seed, groups, rank, world_size)
+        self.micro_batch = micro_batch
+        if self._pending_state is not None:
+            self.sampler.load_state_dict(self._pending_state)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict() if self.sampler else (self._pending_state or {"epoch": 0, "pos": 0})
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_state = dict(state)
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state)
+
+    def checkpoint_meta(self) -> dict:
+        return self.meta
+
+    def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        return adapter_state(model) if self.meta.get("lora") else None
 
 
 def load_base(ckpt: str | Path, init: str = "pretrained", seed: int = 1337):

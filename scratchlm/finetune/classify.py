@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scratchlm.errors import UserError
-from scratchlm.finetune.data import EpochSampler, LabeledText, pad_id, pad_right
-from scratchlm.train.objective import Objective
+from scratchlm.finetune.base import FinetuneObjective
+from scratchlm.finetune.data import LabeledText, pad_id, pad_right
 
 
 def label_names(train: list[LabeledText], held_out: list[LabeledText]) -> list[str]:
@@ -47,7 +47,7 @@ def last_token_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
     return logits[torch.arange(ids.size(0), device=ids.device), lengths - 1].float()
 
 
-class ClassifyObjective(Objective):
+class ClassifyObjective(FinetuneObjective):
     """Cross-entropy on the class of each example; one loss term per example."""
 
     def __init__(self, tok, train: list[tuple[list[int], int]], val: list[tuple[list[int], int]],
@@ -56,17 +56,12 @@ class ClassifyObjective(Objective):
         self.train_set, self.val_set, self.labels = train, val, labels
         self.meta, self.balanced, self.eval_batch = meta, balanced, eval_batch
         self.pad = pad_id(tok)
-        self.sampler: EpochSampler | None = None
-        self._pending_state: dict | None = None
 
     def setup(self, rank: int, world_size: int, micro_batch: int, seed: int) -> None:
         groups = None
-        if self.balanced:
+        if self.balanced:  # each class drawn equally often
             groups = [[i for i, (_, y) in enumerate(self.train_set) if y == c] for c in range(len(self.labels))]
-        self.sampler = EpochSampler(len(self.train_set), seed, groups, rank, world_size)
-        self.micro_batch = micro_batch
-        if self._pending_state is not None:
-            self.sampler.load_state_dict(self._pending_state)
+        self._start_sampler(rank, world_size, micro_batch, seed, groups)
 
     def collate(self, examples: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         ids, real = pad_right([x for x, _ in examples], self.pad)
@@ -100,23 +95,6 @@ class ClassifyObjective(Objective):
 
     def samples(self, model: nn.Module) -> dict[str, str]:
         return {}
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict() if self.sampler else (self._pending_state or {"epoch": 0, "pos": 0})
-
-    def load_state_dict(self, state: dict) -> None:
-        self._pending_state = dict(state)
-        if self.sampler is not None:
-            self.sampler.load_state_dict(state)
-
-    def checkpoint_meta(self) -> dict:
-        return self.meta
-
-    def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        if not self.meta.get("lora"):
-            return None
-        from scratchlm.finetune.lora import adapter_state
-        return adapter_state(model)
 
 
 @torch.no_grad()

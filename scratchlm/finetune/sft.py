@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scratchlm.errors import UserError
-from scratchlm.finetune.data import Conversation, EpochSampler, pad_id, pad_right
+from scratchlm.finetune.base import FinetuneObjective
+from scratchlm.finetune.data import Conversation, pad_id, pad_right
 from scratchlm.finetune.templates import Template, check_tokenizer, encode_conversation
 from scratchlm.generate import SamplingConfig, generate_ids
-from scratchlm.train.objective import Objective
 
 
 @dataclass
@@ -131,7 +131,7 @@ def token_losses(model: nn.Module, batch: dict) -> torch.Tensor:
     return ce.view_as(batch["target"]) * batch["loss_mask"]
 
 
-class SFTObjective(Objective):
+class SFTObjective(FinetuneObjective):
     def __init__(self, tok, template: Template, train: list[Encoded], val: list[Encoded], meta: dict,
                  val_prompts: list[list[int]] = (), context_length: int = 0, packing: bool = False,
                  eval_batch: int = 16, sample_tokens: int = 48):
@@ -142,14 +142,9 @@ class SFTObjective(Objective):
         self.eval_batch, self.sample_tokens = eval_batch, sample_tokens
         self.pad = pad_id(tok)
         self.end_id = tok.special_tokens[template.end_token]
-        self.sampler: EpochSampler | None = None
-        self._pending_state: dict | None = None
 
     def setup(self, rank: int, world_size: int, micro_batch: int, seed: int) -> None:
-        self.sampler = EpochSampler(len(self.train_set), seed, None, rank, world_size)
-        self.micro_batch = micro_batch
-        if self._pending_state is not None:
-            self.sampler.load_state_dict(self._pending_state)
+        self._start_sampler(rank, world_size, micro_batch, seed)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self.packing:
@@ -184,23 +179,6 @@ class SFTObjective(Objective):
             vocab_size=self.tokenizer.vocab_size)
         model.train()
         return {"..." + self.tokenizer.decode(p)[-60:]: self.tokenizer.decode(t) for p, t in zip(self.val_prompts, new)}
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict() if self.sampler else (self._pending_state or {"epoch": 0, "pos": 0})
-
-    def load_state_dict(self, state: dict) -> None:
-        self._pending_state = dict(state)
-        if self.sampler is not None:
-            self.sampler.load_state_dict(state)
-
-    def checkpoint_meta(self) -> dict:
-        return self.meta
-
-    def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        if not self.meta.get("lora"):
-            return None
-        from scratchlm.finetune.lora import adapter_state
-        return adapter_state(model)
 
 
 @torch.no_grad()
