@@ -114,7 +114,9 @@ def test_resume_with_other_shape_refused_and_rerun_refused(tmp_path, tiny_datase
         pretrain(bigger, tiny_dataset, resume=True, log=lambda *_: None)
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_and_exits_cleanly(tmp_path, tiny_dataset, sig):
+    """SIGTERM, and Ctrl-C (SIGINT): finish the step, checkpoint, exit 0, no KeyboardInterrupt."""
     args = ["pretrain", "--config", "tiny", "--data", str(tiny_dataset), "--set", "train.max_steps=100000",
             "--set", "train.checkpoint_every=0", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=t"] + \
            [x for s in SMALL for x in ("--set", s)]
@@ -124,10 +126,10 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_dataset):
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 3):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "stopped by signal" in err
+    assert "stopped by signal" in err and "interrupted" not in err
     (last,) = ckpt.list_checkpoints(run / "checkpoints")
     assert ckpt.validate(last) is None and int(last.name.split("_")[1]) == len(losses(run))
 
@@ -699,25 +701,6 @@ def test_weight_decay_only_on_matrices_that_are_not_embeddings():
         assert "embed_tokens.weight" in no_decay and "pos_embed.weight" in no_decay
         assert all(n.endswith("bias") or "norm" in n or "embed" in n for n in no_decay)
         assert "layers.1.ffn.up_proj.weight" not in decay | no_decay
-
-
-def test_sigint_checkpoints_and_exits_cleanly(tmp_path, tiny_dataset):
-    """Ctrl-C (SIGINT, not only SIGTERM): finish the step, checkpoint, exit 0, no KeyboardInterrupt."""
-    args = ["pretrain", "--config", "tiny", "--data", str(tiny_dataset), "--set", "train.max_steps=100000",
-            "--set", "train.checkpoint_every=0", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=t"] + \
-           [x for s in SMALL for x in ("--set", s)]
-    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    run = tmp_path / "t"
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "stopped by signal" in err and "interrupted" not in err
-    (last,) = ckpt.list_checkpoints(run / "checkpoints")
-    assert ckpt.validate(last) is None and int(last.name.split("_")[1]) == len(losses(run))
 
 
 def test_compile_true_trains(tmp_path, tiny_dataset):

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from scratchlm.data.shards import FORMAT, INDEX, VERSION, ShardWriter, dtype_for
 from scratchlm.data.sources import ReadOptions, iter_documents
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.bpe import batched
 
 MIN_DOCS_FOR_DOCUMENT_SPLIT = 20  # fewer documents (one big file, say): split contiguous spans instead
 SPANS_PER_CORPUS = 40             # ...about this many, so val gets whole spans and train the rest
@@ -80,19 +81,6 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     return [d for d, v in zip(docs, mask) if not v], [d for d, v in zip(docs, mask) if v]
 
 
-def _batched(items: Iterable, chars: Callable[[object], int], limit: int = BATCH_CHARS) -> Iterator[list]:
-    """Group a stream into lists of about `limit` characters (one long item is a batch alone)."""
-    batch, size = [], 0
-    for x in items:
-        batch.append(x)
-        size += chars(x)
-        if size >= limit:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, seed: int = 0,
             overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     out = Path(out)
@@ -134,7 +122,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
         dedup = Deduplicator(threshold=data.near_dedup_threshold, near=data.dedup, exact=data.dedup,
                              seed=seed, spill_dir=tmp / ".dedup")
         lengths: list[int] = []
-        for batch in _batched(cleaned(cstats), len):
+        for batch in batched(cleaned(cstats), BATCH_CHARS):
             dedup.add(batch)
             lengths.extend(map(len, batch))
         stats["clean"] = asdict(cstats)
@@ -176,7 +164,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
                 yield from (cut_spans(text, span_chars) if by_span else [text])
 
         if contam is not None:
-            for batch in _batched(kept_docs(), lambda d: len(d[1])):
+            for batch in batched(kept_docs(), BATCH_CHARS, lambda d: len(d[1])):
                 before = len(report.flagged)
                 contam.check([t for _, t in batch], report)
                 hits = report.flagged[before:]
@@ -215,7 +203,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
         writers = {"train": ShardWriter(tmp, "train", dtype, tok.eot_id, data.shard_tokens),
                    "val": ShardWriter(tmp, "val", dtype, tok.eot_id, data.shard_tokens)}
         nbytes = {"train": 0, "val": 0}
-        for batch in _batched(zip(units(), is_val), lambda u: len(u[0])):
+        for batch in batched(zip(units(), is_val), BATCH_CHARS, lambda u: len(u[0])):
             for (text, v), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
                 split = "val" if v else "train"
                 writers[split].add(ids)

@@ -122,8 +122,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, loss_mask: torch.Tensor | None = None):
-        """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets, and logits
-        are None with them (the loss is computed chunk by chunk; call without targets for logits).
+        """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets, and when
+        training (targets given, gradients on) logits are None: the loss is computed chunk by chunk.
 
         positions: (B, T) position ids (default 0..T-1, offset by the cache); mask: (B, 1, T, Tk)
         boolean attention mask for padded batches; loss_mask: (B, T), 1 where the loss counts."""
@@ -150,7 +150,8 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]) if cache is not None else self.lm_head(x), None
-        if type(self.lm_head) is nn.Linear and type(self.lm_head.weight) is nn.Parameter:  # not sharded/wrapped
+        # (The fused head makes its gradients on the way forward: only worth it when they are wanted.)
+        if torch.is_grad_enabled() and type(self.lm_head) is nn.Linear and type(self.lm_head.weight) is nn.Parameter:
             # Training: never build the (tokens x vocab) logits at all, see head_cross_entropy.
             return None, head_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
         logits = self.lm_head(x)

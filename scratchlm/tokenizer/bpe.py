@@ -26,7 +26,7 @@ import multiprocessing as mp
 import os
 from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Collection, Iterable, Literal, Mapping
+from typing import Callable, Collection, Iterable, Iterator, Literal, Mapping
 
 import regex
 
@@ -96,15 +96,16 @@ def _first_gap(compiled, text: str) -> str:
     return text[pos:pos + 20]
 
 
-def _batched(texts: Iterable[str], batch_bytes: int) -> Iterable[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
-        if size >= batch_bytes:
+def batched(items: Iterable, limit: int, size: Callable[[object], int] = len) -> Iterator[list]:
+    """Group a stream into lists of about `limit` (summed `size` of the items; one long item is a
+    batch alone), so a corpus is processed a piece at a time and never held whole."""
+    batch, total = [], 0
+    for x in items:
+        batch.append(x)
+        total += size(x)
+        if total >= limit:
             yield batch
-            batch, size = [], 0
+            batch, total = [], 0
     if batch:
         yield batch
 
@@ -113,7 +114,7 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Co
     """Count each distinct pre-token chunk once. Streams: memory grows with distinct chunks only
     (at most two batches per worker are in flight). Refuses a pattern that skips characters: they
     would silently vanish from every encoded text."""
-    batches = ((b, pattern) for b in _batched(texts, 1 << 20))
+    batches = ((b, pattern) for b in batched(texts, 1 << 20))
     total: Counter = Counter()
     chars = covered = 0
     lost = ""
