@@ -403,6 +403,33 @@ def test_time_budget_replans_never_raise_the_lr_after_warmup():
         assert plans[-1] < tc.max_steps  # the budget did bind
 
 
+def test_time_budget_grows_the_plan_only_on_a_wsd_plateau():
+    """A wsd run whose first estimate was too careful (the machine got faster) lengthens its plan
+    while the rate is flat and so uses its budget; the LR still never rises after warm-up, and the
+    plan never grows once the decay has begun."""
+    from scratchlm.train.schedule import plateau
+    tc = load_config("tiny", ["train.warmup_steps=10", "train.max_steps=5000", "train.schedule=wsd"]).train
+    clock = FakeClock()
+    budget = TimeBudget(1.0, clock=clock)
+    plan, lrs, plans, decaying = tc.max_steps, [], [], []
+    for step in range(5000):
+        if step >= plan or budget.expired():
+            break
+        lrs.append(lr_continued(step, plan, tc))
+        clock.t += 0.2 if step < 100 else 0.1  # twice as fast after step 100
+        grow = plateau(step + 1, plan, tc)
+        decaying.append(not grow and step + 1 > tc.warmup_steps)
+        plan = budget.after_step(step + 1, plan, may_grow=grow, cap=tc.max_steps)
+        plans.append(plan)
+    assert max(plans[20:]) > plans[19], "the plan never grew"
+    grew_late = [b > a for a, b, d in zip(plans, plans[1:], decaying[1:]) if d]
+    assert not any(grew_late), "the plan grew during the decay"
+    after = lrs[tc.warmup_steps:]
+    assert all(a >= b - 1e-12 for a, b in zip(after, after[1:])), "the LR rose after warm-up"
+    assert budget.elapsed() > 0.95 * 60, f"only {budget.elapsed():.1f} s of the 60 s budget trained"
+    assert lrs[-1] < tc.lr * 0.2, "the run ended before its decay"
+
+
 def test_time_budget_plans_from_the_measured_speed():
     clock = FakeClock()
     budget = TimeBudget(1.0, clock=clock)  # 60 s

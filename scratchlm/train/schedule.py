@@ -9,8 +9,12 @@ Past `total_steps` the rate stays at its final value: it never turns around or g
 
 A schedule needs to know where the run ends. With a time budget nobody knows that at the start,
 so `TimeBudget` estimates it from the measured speed and re-estimates as the run goes. Its one
-promise: a new plan is never *longer* than the current one. A shorter plan only moves the end of
-the decay closer, so after warm-up the learning rate never rises, whatever the estimates do.
+promise: after warm-up the learning rate never rises, whatever the estimates do. A shorter plan
+only moves the end of the decay closer. A *longer* plan is allowed only while the rate is flat and
+stays flat (warmup-stable-decay or constant, before the decay begins): moving the end of a plateau
+changes no rate already used. That is why wsd suits a time budget: the estimate can start careful
+and grow as the speed becomes known, where a cosine plan must start short and can only shrink, and
+the margin it keeps is training time lost.
 """
 
 from __future__ import annotations
@@ -40,6 +44,14 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0, schedul
         return lr
     progress = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
     return lr - (lr - min_lr) * progress
+
+
+def plateau(step: int, total_steps: int, tc) -> bool:
+    """True while the rate at `step` is the flat peak of a wsd/constant schedule and would stay so
+    under any longer plan: past warm-up, before the decay of the plan `total_steps`."""
+    if tc.schedule not in ("wsd", "constant") or step < tc.warmup_steps:
+        return False
+    return tc.schedule == "constant" or step < total_steps - int(tc.decay_fraction * total_steps)
 
 
 def lr_continued(step: int, total_steps: int, tc, anchor: tuple[int, float] | None = None) -> float:
@@ -83,26 +95,31 @@ class TimeBudget:
         """Time spent outside training steps (evaluation, samples, checkpoints)."""
         self.busy += seconds
 
-    def after_step(self, step: int, plan: int, evaluated: bool = False, eval_every: int = 0) -> int:
-        """Call after every training step (`step` = optimizer steps done); returns the plan."""
+    def after_step(self, step: int, plan: int, evaluated: bool = False, eval_every: int = 0,
+                   may_grow: bool = False, cap: int = 0) -> int:
+        """Call after every training step (`step` = optimizer steps done); returns the plan.
+        `may_grow`: the schedule is on a plateau (see `plateau`), so the plan may also get longer,
+        up to `cap`; it is then re-made every 25 steps with a small margin."""
         self.steps_here += 1
         now = self.clock()
         if self.steps_here == 10:
             self.mark, self.busy = (now, step), 0.0
-        elif self.steps_here == 20 and self.mark is not None:
-            per_step = (now - self.mark[0] - self.busy) / (step - self.mark[1])
-            plan = self.replan(plan, step, per_step + self.busy / (step - self.mark[1]), safety=0.9)
-            self.mark, self.busy = (now, step), 0.0
-        elif evaluated and self.mark is not None and step > self.mark[1]:
-            per_step = (now - self.mark[0] - self.busy) / (step - self.mark[1])
-            overhead = self.busy / max(eval_every, step - self.mark[1], 1)
-            plan = self.replan(plan, step, per_step + overhead, safety=0.97)
+        elif self.mark is not None and step > self.mark[1] and (
+                self.steps_here == 20 or evaluated or (may_grow and self.steps_here % 25 == 0)):
+            steps = step - self.mark[1]
+            per_step = (now - self.mark[0] - self.busy) / steps
+            if evaluated or self.steps_here == 20:  # the cost of evaluating, spread over the steps between
+                self.overhead = self.busy / max(eval_every, steps, 1)
+            safety = 0.97 if may_grow or self.steps_here > 20 else 0.9
+            plan = self.replan(plan, step, per_step + self.overhead, safety, cap=cap if may_grow else 0)
             self.mark, self.busy = (now, step), 0.0
         return plan
 
-    def replan(self, plan: int, step: int, seconds_per_step: float, safety: float) -> int:
-        """The steps that fit in the time left, capped at the current plan (so the LR never rises)
-        and at least one more step."""
+    overhead = 0.0  # seconds per step spent evaluating, checkpointing, sampling (measured at evals)
+
+    def replan(self, plan: int, step: int, seconds_per_step: float, safety: float, cap: int = 0) -> int:
+        """The steps that fit in the time left, and at least one more step: capped at the current
+        plan (so the LR never rises), or at `cap` when the plan may grow."""
         remaining = self.limit - self.elapsed()
         fit = step + int(remaining / max(seconds_per_step, 1e-9) * safety)
-        return max(min(plan, fit), step + 1)
+        return max(min(cap or plan, fit), step + 1)

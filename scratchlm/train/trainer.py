@@ -41,7 +41,7 @@ from scratchlm.train.hardware import peak_flops
 from scratchlm.train.logger import MetricsLog, Progress, Speed
 from scratchlm.train.objective import Objective, PretrainObjective
 from scratchlm.train.precision import autocast, pick_device, pick_precision
-from scratchlm.train.schedule import TimeBudget, lr_continued
+from scratchlm.train.schedule import TimeBudget, lr_continued, plateau
 
 
 @dataclass
@@ -285,7 +285,9 @@ def next_plan(step: int, state: dict, tc, budget: TimeBudget, evaluated: bool, s
     ranks; a signal to any rank stops them all."""
     plan, reason = state["planned_steps"], "steps"
     if tc.max_minutes:
-        plan = budget.after_step(step, plan, evaluated=evaluated, eval_every=tc.eval_every)
+        grow = state["lr_anchor"] is None and plateau(step, plan, tc)
+        plan = budget.after_step(step, plan, evaluated=evaluated, eval_every=tc.eval_every,
+                                 may_grow=grow, cap=tc.max_steps)
     if tc.max_tokens and state["tokens"] >= tc.max_tokens:
         plan, reason = step, "tokens"
     if tc.max_minutes and (budget.expired() or step >= plan < tc.max_steps):  # out of time, or of the steps that fit
