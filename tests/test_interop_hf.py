@@ -128,6 +128,8 @@ def test_tied_export_has_no_duplicate_head_and_conv1d_is_transposed(tmp_path):
     (("model.norm=rmsnorm",), "model.norm='rmsnorm'"),
     (("model.n_kv_heads=2",), "model.n_kv_heads=2"),
     (("model.pos_encoding=rope",), "model.norm='layernorm'"),
+    (("model.pos_encoding=rope", "model.norm=rmsnorm", "model.ffn=swiglu", "model.qk_norm=true"),
+     "model.qk_norm=true"),
 ])
 def test_export_refuses_what_hf_cannot_express(tmp_path, capsys, overrides, field):
     run = make_run(tmp_path, "run", "tiny", overrides)

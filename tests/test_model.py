@@ -10,6 +10,7 @@ VARIANTS = {
     "gpt2": dict(),
     "llama": dict(pos_encoding="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, tie_embeddings=False),
     "sinusoidal": dict(pos_encoding="sinusoidal", bias=True),
+    "qk-norm": dict(pos_encoding="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, qk_norm=True),
 }
 
 
@@ -50,14 +51,38 @@ def test_cached_generation_equals_uncached_including_window_slide(variant):
     assert all(len(c) == 40 for c in cached)
 
 
-def test_cached_logits_match_full_forward():
-    m = tiny(**VARIANTS["llama"]).eval()
+@pytest.mark.parametrize("variant", ["llama", "qk-norm"])
+def test_cached_logits_match_full_forward(variant):
+    m = tiny(**VARIANTS[variant]).eval()
     x = torch.randint(0, 97, (2, 12))
     full, _ = m(x)
     cache = m.new_cache(2)
     m(x[:, :8], cache=cache)
     steps = [m(x[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:12], atol=1e-5, rtol=1e-5)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
+    """With QK-norm, scaling the q and k projections changes nothing (the logits are bounded by
+    the learned gains); without it, the same scaling sharpens every attention pattern."""
+    x = torch.randint(0, 97, (2, 16))
+    for qk_norm in (True, False):
+        m = tiny(**{**VARIANTS["qk-norm"], "qk_norm": qk_norm}).eval()
+        if qk_norm:  # gains away from 1, so the test also covers them (and that sdpa == explicit with them)
+            for layer in m.layers:
+                torch.nn.init.uniform_(layer.attn.q_norm.weight, 0.5, 2.0)
+                torch.nn.init.uniform_(layer.attn.k_norm.weight, 0.5, 2.0)
+        before, _ = m(x)
+        with torch.no_grad():
+            for layer in m.layers:
+                qk_rows = (m.cfg.n_heads + m.cfg.kv_heads) * m.cfg.head_dim
+                layer.attn.qkv.weight[:qk_rows] *= 10.0
+        after, _ = m(x)
+        assert torch.allclose(before, after, atol=1e-4) == qk_norm
+        if qk_norm:
+            for layer in m.layers:
+                layer.attn.explicit = True
+            torch.testing.assert_close(m(x)[0], after, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_top_k_top_p_and_seed():

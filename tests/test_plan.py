@@ -39,7 +39,8 @@ def test_hand_counted_params_and_flops():
 
 VARIANTS = [{}, dict(ffn="swiglu"), dict(attention="explicit"), dict(bias=True, tie_embeddings=False),
             dict(pos_encoding="rope", norm="rmsnorm", n_kv_heads=2), dict(pos_encoding="rope"),
-            dict(pos_encoding="sinusoidal", n_layers=3, d_model=48, n_heads=6)]
+            dict(pos_encoding="sinusoidal", n_layers=3, d_model=48, n_heads=6),
+            dict(pos_encoding="rope", norm="rmsnorm", n_kv_heads=2, qk_norm=True), dict(qk_norm=True)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

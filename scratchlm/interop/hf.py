@@ -43,6 +43,9 @@ NORM_EPS = 1e-5  # our LayerNorm and RMSNorm epsilon
 
 def hf_layout(cfg: ModelConfig) -> str:
     """'gpt2' or 'llama', or a one-line refusal naming the field HF cannot express."""
+    if cfg.qk_norm:
+        raise UserError("model.qk_norm=true has no Hugging Face architecture here (GPT-2 and Llama do not "
+                        "normalise q and k); export a model trained without it")
     if cfg.pos_encoding == "learned":
         for ok, field, value in ((cfg.norm == "layernorm", "norm", cfg.norm), (cfg.ffn == "gelu", "ffn", cfg.ffn),
                                  (cfg.kv_heads == cfg.n_heads, "n_kv_heads", cfg.n_kv_heads)):

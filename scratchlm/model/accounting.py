@@ -52,7 +52,8 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     attn = d * qkv_out + bias * qkv_out + d * d + bias * d
     n_up = 2 if cfg.ffn == "swiglu" else 1                            # SwiGLU adds a gate matrix
     ffn = n_up * (d * f + bias * f) + f * d + bias * d
-    block = 2 * norm + attn + ffn
+    qk_norm = 2 * cfg.head_dim if cfg.qk_norm else 0                  # q and k gains, shared by the heads
+    block = 2 * norm + attn + ffn + qk_norm
     token = V * d
     position = T * d if cfg.pos_encoding == "learned" else 0
     head = 0 if cfg.tie_embeddings else V * d
@@ -92,8 +93,12 @@ def layer_bytes_per_token(cfg: ModelConfig, precision: str) -> int:
     if cfg.ffn == "swiglu" and precision == "bf16":
         linear_inputs += a * d                                # gate and up cast the input separately
     attention = 0
-    if not (rope and gqa):
+    if not (rope and gqa) or (cfg.qk_norm and precision != "bf16"):
         attention += a * (d + 2 * kv)                         # the qkv output, which q, k, v view
+    if cfg.qk_norm:                                           # fp32 input copy (bf16 only), normalised x, 1/rms
+        attention += (8 if precision == "bf16" else 4) * (d + kv) + 4 * (h + cfg.kv_heads)
+        if not rope:                                          # normalised q, k are new tensors attention keeps,
+            attention += a * d + (0 if gqa else a * kv) + a * d  # and its output needs a copy (as with RoPE)
     if rope:
         attention += a * d + (0 if gqa else a * kv)           # rotated q (and k) are new tensors
     if gqa:

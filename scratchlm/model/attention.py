@@ -4,6 +4,10 @@ The math, for one head, in one line:   softmax(Q Kᵀ / √d + causal_mask) V
 `explicit_attention` below spells it out; `F.scaled_dot_product_attention` computes the same
 numbers with a fused kernel (the tests check they agree). Everything else here is bookkeeping:
 splitting the width into heads, rotating Q and K for RoPE, and caching K and V for generation.
+
+QK-norm (model.qk_norm, as in OLMo 2, Qwen 3, nanochat): each head's q and k are RMS-normalised
+before the dot product, so an attention logit is bounded by the learned gains instead of growing
+with the weights; large logits that saturate the softmax are a classic cause of loss spikes.
 """
 
 from __future__ import annotations
@@ -70,6 +74,19 @@ class KVCache:
         self.pos += T
 
 
+class HeadNorm(nn.Module):
+    """RMSNorm over one head's channels, with a learned gain per channel (QK-norm). Computed in fp32
+    and returned in the input's dtype, so that under bf16 autocast attention still runs in bf16."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -80,6 +97,9 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.explicit = cfg.attention == "explicit"
+        if cfg.qk_norm:  # one gain per channel of a head, shared by the heads (Qwen 3's q_norm/k_norm)
+            self.q_norm, self.k_norm = HeadNorm(cfg.head_dim), HeadNorm(cfg.head_dim)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -89,6 +109,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, H, T, d)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # before RoPE and before the cache: cached keys are already normalised
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:

@@ -24,6 +24,7 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     attention: str = "sdpa"        # sdpa (fused) | explicit (the teaching path; same numbers)
+    qk_norm: bool = False          # RMSNorm each head's q and k (learned gain per channel) before attention
 
     @property
     def kv_heads(self) -> int:

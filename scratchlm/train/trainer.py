@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from scratchlm.config import Config, to_toml
 from scratchlm.errors import UserError
-from scratchlm.model import GPT
+from scratchlm.model import GPT, ModelConfig
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.distributed import Parallel, agree_on_stop, all_ranks_agree, barrier, parallelize, setup, teardown
 from scratchlm.train.hardware import peak_flops
@@ -345,8 +345,10 @@ def _resume(cfg: Config, model: nn.Module, optimizer, objective: Objective, par:
         say(f"no valid checkpoint in {root}; starting from scratch")
         return False
     saved = ckpt.read_state(start)
-    if saved.get("model") != model_fingerprint(cfg):
-        diff = [k for k, v in model_fingerprint(cfg).items() if saved.get("model", {}).get(k) != v]
+    # A field the checkpoint does not name is newer than it: the run had that field's default.
+    saved_model = {**dataclasses.asdict(ModelConfig()), **saved.get("model", {})}
+    if saved_model != model_fingerprint(cfg):
+        diff = [k for k, v in model_fingerprint(cfg).items() if saved_model.get(k) != v]
         raise UserError(f"cannot resume {cfg.run_dir}: the model config changed ({', '.join(diff)}); "
                         f"resume with the original config or start a new run")
     if saved.get("tokenizer_fingerprint") != objective.tokenizer.fingerprint:
