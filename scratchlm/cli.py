@@ -43,8 +43,14 @@ def cmd_tokenizer(a) -> None:
     from scratchlm.tokenizer import Tokenizer
     if a.action == "train":
         from scratchlm.data.sources import ReadOptions, iter_documents
-        texts = (d.text for d in iter_documents(a.input, ReadOptions(text_field=a.text_field)))
-        tok = Tokenizer.train(texts, a.vocab_size, pattern=a.pattern, min_frequency=a.min_frequency, num_workers=2)
+        if a.kind == "char":  # nothing to learn: the bytes are the tokens
+            tok = Tokenizer.char_level()
+        elif a.input is None:
+            raise UserError("tokenizer train needs --input CORPUS (only --kind char needs none)")
+        else:
+            texts = (d.text for d in iter_documents(a.input, ReadOptions(text_field=a.text_field)))
+            tok = Tokenizer.train(texts, a.vocab_size, pattern=a.pattern, min_frequency=a.min_frequency,
+                                  num_workers=2)
         tok.save(a.out)
         if a.hf:
             from scratchlm.tokenizer.hf_export import export_hf
@@ -67,11 +73,12 @@ def cmd_tokenizer(a) -> None:
         if not text:
             raise UserError(f"{a.input} is empty")
         c = compression_stats(tok, text)
+        label = "BPE" if c["kind"] == "bpe" else "byte (char)"  # kind char: one token per byte
         print(f"characters           {c['characters']:,}\nbytes                {c['bytes']:,}\n"
-              f"BPE tokens           {c['bpe_tokens']:,}\nbytes/token          {c['bytes_per_token']:.3f}\n"
+              f"{label + ' tokens':<21}{c['tokens']:,}\nbytes/token          {c['bytes_per_token']:.3f}\n"
               f"chars/token          {c['chars_per_token']:.3f}\n"
               f"char-level tokens    {c['char_level_tokens']:,} (vocab {c['char_vocab']})\n"
-              f"sequence length ratio char-level / BPE: {c['ratio']:.2f}x")
+              f"sequence length ratio char-level / {label}: {c['ratio']:.2f}x")
 
 
 # `scratchlm prepare` shortcuts: flag -> (config section, key). Given flags override --config/--set.
@@ -80,7 +87,7 @@ PREPARE_FLAGS = {"input": ("data", "corpus"), "out": ("data", "dataset_dir"), "t
                  "threshold": ("data", "near_dedup_threshold"), "min_chars": ("data", "min_chars"),
                  "max_docs": ("data", "max_docs"), "decontaminate": ("data", "decontaminate"),
                  "tokenizer": ("tokenizer", "path"), "vocab_size": ("tokenizer", "vocab_size"),
-                 "pattern": ("tokenizer", "pattern")}
+                 "pattern": ("tokenizer", "pattern"), "tokenizer_kind": ("tokenizer", "kind")}
 
 
 def cmd_prepare(a) -> None:
@@ -353,10 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("tokenizer", help="train, use and measure a byte-level BPE tokenizer", formatter_class=fmt)
+    p = sub.add_parser("tokenizer", help="train, use and measure a byte-level BPE (or char-level) tokenizer",
+                       formatter_class=fmt)
     tsub = p.add_subparsers(dest="action", required=True)
     t = tsub.add_parser("train", help="train a tokenizer on a corpus", formatter_class=fmt)
-    t.add_argument("--input", required=True, help="corpus: file, dir, glob, URL, or builtin")
+    t.add_argument("--input", help="corpus: file, dir, glob, URL, or builtin (not needed for --kind char)")
+    t.add_argument("--kind", choices=["bpe", "char"], default="bpe",
+                   help="char: no merges, the 256 bytes + specials (one token per ASCII character)")
     t.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary, 256 bytes and specials included")
     t.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt2, gpt4 or a regex")
     t.add_argument("--min-frequency", type=int, default=1, help="ignore chunks rarer than this")
@@ -382,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="use this tokenizer directory instead of training one (tokenizer.path)")
     p.add_argument("--vocab-size", type=int, help="tokenizer.vocab_size")
     p.add_argument("--pattern", help="pre-tokenizer: gpt2, gpt4 or a regex (tokenizer.pattern)")
+    p.add_argument("--tokenizer-kind", choices=["bpe", "char"],
+                   help="char: one token per byte, no merges, vocab_size not used (tokenizer.kind)")
     p.add_argument("--text-field", help="JSONL/Parquet field holding the text (data.text_field)")
     p.add_argument("--on-bad-record", choices=["stop", "skip"], help="data.on_bad_record")
     p.add_argument("--val-fraction", type=float, help="share held out for validation (data.val_fraction)")

@@ -18,6 +18,7 @@ from typing import Any
 
 from scratchlm.errors import UserError
 from scratchlm.model.config import ModelConfig
+from scratchlm.tokenizer.bpe import CHAR_VOCAB_SIZE, KINDS
 from scratchlm.train.schedule import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -50,9 +51,16 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 4096
-    pattern: str = "gpt4"          # gpt2 | gpt4 | a regex
+    kind: str = "bpe"              # bpe | char: char = the 256 bytes + special tokens, no merges (one token
+                                   # per character on ASCII text); it ignores vocab_size and pattern
+    vocab_size: int = 4096         # bpe: tokens in all, 256 bytes and special tokens included
+    pattern: str = "gpt4"          # bpe: gpt2 | gpt4 | a regex
     path: str = ""                 # an existing tokenizer directory to use instead of training
+
+    @property
+    def effective_vocab_size(self) -> int:
+        """The vocabulary this config trains (what model.vocab_size = 0 becomes)."""
+        return CHAR_VOCAB_SIZE if self.kind == "char" else self.vocab_size
 
 
 @dataclass
@@ -281,7 +289,9 @@ def validate(cfg: Config) -> Config:
         (0.0 < d.near_dedup_threshold <= 1.0, f"data.near_dedup_threshold must be in (0, 1], got {d.near_dedup_threshold}"),
         (d.min_chars >= 0 and d.max_docs >= 0 and d.max_chars >= 0,
          "data.min_chars, data.max_docs and data.max_chars must be >= 0 (0 = no limit)"),
-        (k.vocab_size >= 257, f"tokenizer.vocab_size must be >= 257 (256 bytes + special tokens), got {k.vocab_size}"),
+        (k.kind in KINDS, f"tokenizer.kind must be {' or '.join(KINDS)}, got {k.kind!r}"),
+        (k.kind == "char" or k.vocab_size >= 257,
+         f"tokenizer.vocab_size must be >= 257 (256 bytes + special tokens), got {k.vocab_size}"),
         (bool(k.pattern), "tokenizer.pattern must not be empty (gpt2, gpt4 or a regex)"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),

@@ -235,9 +235,9 @@ def _check_inputs(cfg: Config, devices: int, parallel: str, mfu: float, prices: 
         raise UserError("train.batch_size and train.grad_accum must be at least 1")
     warnings = []
     if cfg.model.vocab_size == 0:  # the presets size the model from the tokenizer they train
-        cfg.model.vocab_size = cfg.tokenizer.vocab_size
-        warnings.append(f"model.vocab_size is 0 (= the tokenizer's): planned with tokenizer.vocab_size="
-                        f"{cfg.model.vocab_size}")
+        cfg.model.vocab_size = cfg.tokenizer.effective_vocab_size
+        warnings.append(f"model.vocab_size is 0 (= the tokenizer's): planned with the {cfg.tokenizer.kind} "
+                        f"tokenizer's {cfg.model.vocab_size} tokens")
     cfg.model.validate()
     return warnings
 

@@ -1,6 +1,6 @@
 """`scratchlm quickstart`: the whole pipeline on one corpus, ending with a report.
 
-corpus -> clean + dedup -> BPE tokenizer (and how much it compresses) -> train/val shards
+corpus -> clean + dedup -> BPE (or char-level) tokenizer (and how much it compresses) -> train/val shards
        -> pretrain a small GPT (progress, evals, samples) -> val loss / perplexity / bits-per-byte,
           a multiple-choice check, samples -> runs/quickstart/report.md
 
@@ -21,7 +21,7 @@ from scratchlm.data.prepare import prepare
 from scratchlm.data.shards import INDEX, load_split, read_index
 from scratchlm.errors import UserError
 from scratchlm.eval.cloze import build_cloze_items
-from scratchlm.eval.multiple_choice import score_items
+from scratchlm.eval.multiple_choice import fits, score_items
 from scratchlm.eval.perplexity import evaluate_tokens, token_byte_lengths
 from scratchlm.generate import SamplingConfig, generate
 from scratchlm.report import plot_loss, quickstart_sections, write_report
@@ -71,8 +71,12 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     docs = val_documents(dataset_dir, tok)
     passage = (docs[0] if docs else tok.decode(load_split(dataset_dir, "train")[:400].tolist()))[:1000]
     comp = compression_stats(tok, passage)
-    log(f"[2/5] tokenizer: a held-out passage of {comp['characters']} characters is {comp['char_level_tokens']} "
-        f"character-level tokens but {comp['bpe_tokens']} BPE tokens ({comp['ratio']}x shorter)")
+    if comp["kind"] == "char":
+        log(f"[2/5] tokenizer: character-level ({tok.vocab_size} tokens, one per byte): a held-out passage of "
+            f"{comp['characters']} characters ({comp['bytes']} bytes) is {comp['tokens']} tokens")
+    else:
+        log(f"[2/5] tokenizer: a held-out passage of {comp['characters']} characters is {comp['char_level_tokens']} "
+            f"character-level tokens but {comp['tokens']} BPE tokens ({comp['ratio']}x shorter)")
     if corpus not in ("builtin", "builtin:kjv") and docs:
         cfg.eval.prompts = [" ".join(d.split()[:4]) for d in docs[:4] if d.split()]
 
@@ -96,6 +100,11 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     ppl = evaluate_tokens(model, val_tokens, token_byte_lengths(tok), stride=cfg.model.context_length // 2,
                           autocast=amp)
     items = build_cloze_items(docs, n=cfg.eval.mc_limit, seed=cfg.run.seed)
+    fitting = [it for it in items if fits(tok, it, cfg.model.context_length)]
+    if len(fitting) < len(items):  # long lines, or a char-level tokenizer with a short context
+        log(f"      multiple choice: {len(items) - len(fitting)} of {len(items)} items have an answer longer than "
+            f"the {cfg.model.context_length}-token context and are left out")
+    items = fitting
     mc = score_items(model, tok, items, autocast=amp)[0] if len(items) >= 10 else None
     greedy = generate(model, tok, cfg.eval.prompts, SamplingConfig(max_new_tokens=48, temperature=0))
     sampled = generate(model, tok, cfg.eval.prompts, SamplingConfig(max_new_tokens=48, temperature=0.8,

@@ -63,6 +63,10 @@ def markdown_to_html(md: str, title: str) -> str:
             f"<style>{style}</style></head><body>\n{body}</body></html>\n")
 
 
+def _kind_label(kind: str) -> str:
+    return "BPE" if kind == "bpe" else "byte"
+
+
 def quickstart_sections(results: dict, index: dict, evals: list[dict], *, corpus: str, vocab_size: int,
                         plot: bool, config_toml: str) -> list[tuple[str, str]]:
     """The quickstart report's sections, from its results.json, the dataset index and the evaluations."""
@@ -90,9 +94,13 @@ def quickstart_sections(results: dict, index: dict, evals: list[dict], *, corpus
             ["train / val tokens", f"{splits['train']['tokens']:,} / {splits['val']['tokens']:,}"],
             [f"train / val {unit}", f"{splits['train']['documents']} / {splits['val']['documents']}"],
         ], ["", ""])),
-        ("Tokenizer", f"Byte-level BPE, {vocab_size} tokens, trained on the training split.\n\n" + table([
+        ("Tokenizer", (f"Character-level: {vocab_size} tokens, the 256 bytes + special tokens, no merges (one "
+                       "token per ASCII character; a non-ASCII character is 2-4 byte tokens).\n\n"
+                       if comp["kind"] == "char" else
+                       f"Byte-level BPE, {vocab_size} tokens, trained on the training split.\n\n") + table([
             ["characters", comp["characters"]], ["character-level tokens", comp["char_level_tokens"]],
-            ["BPE tokens", comp["bpe_tokens"]], ["characters per BPE token", comp["ratio"]],
+            [f"{_kind_label(comp['kind'])} tokens", comp["tokens"]],
+            [f"characters per {_kind_label(comp['kind'])} token", comp["ratio"]],
         ], ["held-out passage", "length"])),
         ("Training", ("![loss curve](loss.png)\n\n" if plot else "") + table(
             [[e["step"], f"{e['val_loss']:.4f}", f"{e['val_ppl']:.2f}", f"{e['val_bpb']:.4f}"] for e in evals],

@@ -54,6 +54,13 @@ def test_llamacpp_runs_our_gguf(tmp_path, preset, overrides, pattern):
     check(run, export_gguf(run, tmp_path / "m.gguf"))
 
 
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-small"])
+def test_llamacpp_runs_a_char_level_gguf(tmp_path, preset):
+    """No merges in the tokenizer: the GGUF carries one that can never fire (llama.cpp needs the list)."""
+    run = make_run(tmp_path, "run", preset, kind="char")
+    check(run, export_gguf(run, tmp_path / "m.gguf"))
+
+
 @pytest.mark.parametrize("arch, style", [("gpt2", "gpt2"), ("llama", "llama3")])
 def test_llamacpp_runs_an_imported_model(tmp_path, arch, style):
     from test_interop_import import save_hf

@@ -27,15 +27,17 @@ SPECIAL_TEXT = "<|user|>\nHi there<|end|>\n<|assistant|>\nHello!<|end|><|endofte
 
 
 @lru_cache(maxsize=None)
-def tokenizer(pattern: str = "gpt4") -> Tokenizer:
+def tokenizer(pattern: str = "gpt4", kind: str = "bpe") -> Tokenizer:
+    if kind == "char":
+        return Tokenizer.char_level()
     corpus = [(SHARED / "tinyshakespeare.txt").read_text()[:60_000]] + TEXTS * 20
     return Tokenizer.train(corpus, 400, pattern=pattern)
 
 
 def make_run(root: Path, name: str, preset: str = "tiny", overrides: tuple[str, ...] = (), seed: int = 0,
-             pattern: str = "gpt4", state_extra: dict | None = None) -> Path:
+             pattern: str = "gpt4", state_extra: dict | None = None, kind: str = "bpe") -> Path:
     """A run directory with one checkpoint of a small random model built from `preset`."""
-    tok = tokenizer(pattern)
+    tok = tokenizer(pattern, kind)
     cfg: Config = load_config(preset, [*SMALL, f"model.vocab_size={tok.vocab_size}", *overrides,
                                        f"run.out_dir={root}", f"run.name={name}"])
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ from interop_util import make_run
 from scratchlm.cli import main
 from scratchlm.interop.gguf import export_gguf, rope_to_interleaved
 from scratchlm.model.attention import apply_rope, rope_tables
-from scratchlm.tokenizer.hf_export import bytes_to_unicode
+from scratchlm.tokenizer.hf_export import bytes_to_unicode, to_hf_dict
 from scratchlm.train.checkpoint import load_for_inference
 
 gguf = pytest.importorskip("gguf")  # in pyproject's `test` and `interop` extras
@@ -47,6 +47,7 @@ def test_gguf_reads_back(tmp_path, preset, overrides, arch):
     tokens = field("tokenizer.ggml.tokens")
     assert tokens[:len(tok.vocab)] == ["".join(b2u[x] for x in b) for b in tok.vocab]
     assert tokens[tok.eot_id] == "<|endoftext|>" and field("tokenizer.ggml.eos_token_id") == tok.eot_id
+    assert field("tokenizer.ggml.merges") == to_hf_dict(tok)["model"]["merges"]  # "left right", one space each
     assert field("tokenizer.ggml.eot_token_id") == tok.special_tokens["<|end|>"]
     assert field("tokenizer.ggml.token_type")[tok.eot_id] == gguf.TokenType.CONTROL
     assert "<|assistant|>" in field("tokenizer.chat_template")

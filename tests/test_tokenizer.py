@@ -188,8 +188,8 @@ def test_compression_stats_is_the_one_used_by_the_cli(small_tokenizer, shared, t
     from scratchlm.tokenizer import compression_stats
     text = (shared / "the-verdict.txt").read_text()
     c = compression_stats(small_tokenizer, text)
-    assert c["bpe_tokens"] == len(small_tokenizer.encode_ordinary(text)) and c["ratio"] > 2
+    assert c["tokens"] == len(small_tokenizer.encode_ordinary(text)) and c["ratio"] > 2
     small_tokenizer.save(tmp_path)
     r = subprocess.run([sys.executable, "-m", "scratchlm", "tokenizer", "stats", "--tokenizer", str(tmp_path),
                         "--input", str(shared / "the-verdict.txt")], capture_output=True, text=True)
-    assert f"BPE tokens           {c['bpe_tokens']:,}" in r.stdout
+    assert f"BPE tokens           {c['tokens']:,}" in r.stdout

@@ -1,7 +1,7 @@
 """`scratchlm prepare`: raw corpus -> cleaned, deduplicated, tokenized train/val shards.
 
     read -> clean/filter -> deduplicate -> decontaminate -> split into train/val
-         -> train (or load) the tokenizer -> encode -> shards + index.json
+         -> train (or load, or take the char-level one) the tokenizer -> encode -> shards + index.json
 
 It streams: the corpus is read once to decide what to keep, once to place each document in
 train or val, once to train the tokenizer and once to encode. Between passes we keep a few bytes
@@ -79,6 +79,25 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
         docs = [s for d in docs for s in cut_spans(d, target)]
     mask = val_mask([split_key(d, seed) for d in docs], val_fraction)
     return [d for d, v in zip(docs, mask) if not v], [d for d, v in zip(docs, mask) if v]
+
+
+def make_tokenizer(cfg: TokenizerConfig, texts: Iterator[str], log: Callable[[str], None] = print) -> Tokenizer:
+    """The tokenizer `prepare` encodes with: loaded (tokenizer.path), char-level, or BPE trained on `texts`."""
+    if cfg.path:
+        tok = Tokenizer.load(cfg.path)
+        if cfg.kind == "char" and tok.kind != "char":
+            raise UserError(f"tokenizer.kind is char but tokenizer.path {cfg.path} holds a BPE tokenizer "
+                            f"({tok.vocab_size} tokens); drop one of the two settings")
+        return tok
+    if cfg.kind == "char":
+        tok = Tokenizer.char_level()
+        log(f"character-level tokenizer: {tok.vocab_size} tokens (the 256 bytes + {len(tok.special_tokens)} "
+            f"special), no merges, so tokenizer.vocab_size={cfg.vocab_size} and pattern are not used")
+        return tok
+    t = time.time()
+    tok = Tokenizer.train(texts, cfg.vocab_size, pattern=cfg.pattern, num_workers=2)
+    log(f"trained a {tok.vocab_size}-token BPE tokenizer in {time.time() - t:.1f}s")
+    return tok
 
 
 def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, seed: int = 0,
@@ -190,12 +209,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, se
                     yield u
 
         # 3. tokenizer
-        if tokenizer.path:
-            tok = Tokenizer.load(tokenizer.path)
-        else:
-            t = time.time()
-            tok = Tokenizer.train(split_units(False), tokenizer.vocab_size, pattern=tokenizer.pattern, num_workers=2)
-            log(f"trained a {tok.vocab_size}-token BPE tokenizer in {time.time() - t:.1f}s")
+        tok = make_tokenizer(tokenizer, split_units(False), log)
         dtype = dtype_for_vocab(tok.vocab_size)
 
         # 4. encode + write; the directory is renamed into place only when complete

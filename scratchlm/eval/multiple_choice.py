@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from scratchlm.errors import UserError
 from scratchlm.eval.tasks import MCItem
 
 
@@ -35,12 +36,22 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, cont
 
 
+def fits(tokenizer, item: MCItem, context_length: int, target_delimiter: str = " ") -> bool:
+    """Whether every choice of `item` fits in the model's window, so `score_items` can score it."""
+    return all(len(encode_pair(tokenizer, item.context, target_delimiter + c)[1]) <= context_length
+               for c in item.choices)
+
+
 @torch.inference_mode()
 def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
                    autocast=None) -> list[tuple[float, bool]]:
     """For each (context_ids, continuation_ids): (sum of log-probs of the continuation, whether
     greedy decoding would have produced it). Longest first, batched, right-padded."""
     T = model.cfg.context_length
+    too_long = max((len(cont) for _, cont in requests), default=0)
+    if too_long > T:  # the context is left-truncated to fit; a continuation cannot be
+        raise UserError(f"an answer is {too_long} tokens, longer than the model's {T}-token context, so it "
+                        f"cannot be scored; use a model with a longer context (a char-level one needs ~4x BPE's)")
     device = next(model.parameters()).device
     model.eval()
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))

@@ -106,7 +106,11 @@ def _add_tokenizer(writer, gguf, tok: Tokenizer, vocab_size: int, template) -> N
     writer.add_tokenizer_pre(PRE_TOKENIZER[tok.pattern])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([" ".join(m) for m in to_hf_dict(tok)["model"]["merges"]])
+    merges = to_hf_dict(tok)["model"]["merges"]  # "left right" strings, the form llama.cpp reads
+    # llama.cpp refuses a BPE vocabulary without a merge list, and gguf cannot write an empty array.
+    # A char-level tokenizer (no merges) gets one that can never fire: bytes C0 and C1 never occur
+    # in UTF-8, and the text is always UTF-8.
+    writer.add_token_merges(merges or [f"{b2u[0xC0]} {b2u[0xC1]}"])
     writer.add_bos_token_id(tok.eot_id)
     writer.add_eos_token_id(tok.eot_id)
     writer.add_pad_token_id(tok.special_tokens[pad_token(tok)])

@@ -15,6 +15,11 @@ How it works, in four steps:
 
 Special tokens (`<|endoftext|>`, chat roles) get ids after the merges and are never produced by
 merging; `encode` only recognises them in text when allowed.
+
+With zero merges (`Tokenizer.char_level()`, config `tokenizer.kind = "char"`) this is a
+character-level tokenizer: one token per byte, so one per character on ASCII text (as in
+nanoGPT's shakespeare_char), while a non-ASCII character is its 2-4 UTF-8 bytes. Every path
+(fast encoding, save/load, export, serving) is the same code with an empty merge list.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # Every run of scratchlm reserves these, so later stages (SFT chat format, padding) can rely on them.
 ENDOFTEXT = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+KINDS = ("bpe", "char")  # tokenizer.kind: learned merges, or none (the bytes are the tokens)
+CHAR_VOCAB_SIZE = 256 + len(DEFAULT_SPECIAL_TOKENS)
 
 FORMAT_NAME = "scratchlm-bpe"
 FORMAT_VERSION = 1
@@ -310,7 +318,19 @@ class Tokenizer:
         merges = learn_merges(counts, num_merges)
         return cls(merges, pattern=pattern, special_tokens=special_tokens)
 
+    @classmethod
+    def char_level(cls, special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS) -> "Tokenizer":
+        """No merges: the 256 bytes are the tokens (+ specials). Nothing to learn from a corpus.
+        Without merges the pre-tokenizer cannot change the ids; it is GPT-4's because that one
+        covers every character and llama.cpp knows it by name (GGUF export)."""
+        return cls([], pattern=GPT4_PATTERN, special_tokens=special_tokens)
+
     # --- sizes and lookups --------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """"char" for a tokenizer whose only ordinary tokens are the 256 bytes (no merges), else "bpe"."""
+        return "char" if len(self.vocab) == 256 else "bpe"
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocab) + len(self.special_tokens)
@@ -467,7 +487,7 @@ class Tokenizer:
         vocab = d.pop("vocab", None)
         head = json.dumps(d, indent=1, ensure_ascii=False)[:-2]
         lines = ",\n".join(f"  [{a}, {b}]" for a, b in merges)
-        text = head + ',\n "merges": [\n' + lines + "\n ]"
+        text = head + (',\n "merges": [\n' + lines + "\n ]" if merges else ',\n "merges": []')
         if vocab is not None:  # one token per line
             text += ',\n "vocab": [\n' + ",\n".join("  " + json.dumps(t, ensure_ascii=False) for t in vocab) + "\n ]"
         text += "\n}\n"
@@ -508,9 +528,10 @@ class Tokenizer:
 
 
 def compression_stats(tok: Tokenizer, text: str) -> dict:
-    """How much shorter BPE makes a text than characters (one token per character) or bytes."""
-    bpe = len(tok.encode_ordinary(text))
+    """How long a text is in this tokenizer's tokens, against characters (one token per
+    character, the char-level view) and bytes. For kind "char", tokens = bytes."""
+    n = len(tok.encode_ordinary(text))
     chars, nbytes = len(text), len(text.encode("utf-8"))
-    return {"characters": chars, "bytes": nbytes, "char_level_tokens": chars, "char_vocab": len(set(text)),
-            "bpe_tokens": bpe, "ratio": round(chars / max(bpe, 1), 2),
-            "bytes_per_token": round(nbytes / max(bpe, 1), 3), "chars_per_token": round(chars / max(bpe, 1), 3)}
+    return {"kind": tok.kind, "characters": chars, "bytes": nbytes, "char_level_tokens": chars,
+            "char_vocab": len(set(text)), "tokens": n, "ratio": round(chars / max(n, 1), 2),
+            "bytes_per_token": round(nbytes / max(n, 1), 3), "chars_per_token": round(chars / max(n, 1), 3)}

@@ -23,7 +23,7 @@ def dry_run(cfg: Config, world_size: int, vocab_size: int = 0) -> dict:
     micro = micro_batch_size(tc, world_size)
     model_cfg = cfg.model
     if model_cfg.vocab_size == 0:
-        model_cfg = type(model_cfg)(**{**vars(model_cfg), "vocab_size": vocab_size or cfg.tokenizer.vocab_size})
+        model_cfg = type(model_cfg)(**{**vars(model_cfg), "vocab_size": vocab_size or cfg.tokenizer.effective_vocab_size})
     with torch.device("meta"):  # shapes only: no memory, no time, even for a large model
         model = GPT(model_cfg)
     sharded = tc.parallel == "fsdp" and world_size > 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ def pretrain(cfg: Config, dataset_dir: str | Path, resume: bool = False, log: Ca
     if cfg.model.vocab_size < vocab:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                         f"({vocab}); set model.vocab_size >= {vocab} (or 0 to match)")
+    if cfg.model.vocab_size > -(-vocab // 128) * 128 and os.environ.get("RANK", "0") == "0":
+        # more than the usual round-up for fast matmuls: a char tokenizer under a BPE-sized preset, say
+        log(f"warning: model.vocab_size={cfg.model.vocab_size} but the tokenizer has {vocab} tokens, so "
+            f"{cfg.model.vocab_size - vocab} output rows are never a target; model.vocab_size=0 matches it")
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     return train(cfg, GPT(cfg.model), objective, resume=resume, log=log, quiet=quiet)
 
