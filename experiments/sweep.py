@@ -76,7 +76,7 @@ def main() -> None:
             print(f"skip {name} (done)")
             continue
         t0 = time.time()
-        cmd = exe + ["quickstart", "--corpus", a.corpus, "--minutes", f"{minutes:g}", "--out", str(run_dir),
+        cmd = exe + ["quickstart", "--corpus", a.corpus, "--minutes", f"{minutes:g}", "--out", str(run_dir), "--fixed",
                      "--set", f"data.dataset_dir={data_dir}"]
         for s in overrides:
             cmd += ["--set", s]

@@ -27,7 +27,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def cmd_quickstart(a) -> None:
     from scratchlm.quickstart import run_quickstart
-    run_quickstart(corpus=a.corpus, minutes=a.minutes, out=a.out, overrides=a.overrides, max_steps=a.max_steps)
+    run_quickstart(corpus=a.corpus, minutes=a.minutes, out=a.out, overrides=a.overrides, max_steps=a.max_steps,
+                   fixed=a.fixed)
 
 
 def _read_input(path: str) -> str:
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="training time budget (default from the preset: 6)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps")
     p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--fixed", action="store_true",
+                   help="train the quickstart preset as it is, instead of settings chosen for the budget, "
+                        "corpus and machine")
     _add_set(p)
     p.set_defaults(func=cmd_quickstart)
 

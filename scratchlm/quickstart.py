@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from scratchlm.atomic import save_json
-from scratchlm.config import load_config, to_toml
+from scratchlm.config import load_config, to_toml, validate
 from scratchlm.data.prepare import prepare
 from scratchlm.data.shards import INDEX, load_split, read_index
 from scratchlm.errors import UserError
@@ -27,6 +27,7 @@ from scratchlm.generate import SamplingConfig, generate
 from scratchlm.report import plot_loss, quickstart_sections, write_report
 from scratchlm.tokenizer import Tokenizer, compression_stats
 from scratchlm.train import checkpoint as ckpt
+from scratchlm.train import recipe
 from scratchlm.train.precision import autocast
 from scratchlm.train.trainer import pretrain
 
@@ -42,7 +43,8 @@ def val_documents(dataset_dir: Path, tok: Tokenizer) -> list[str]:
 
 
 def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: str = "runs/quickstart",
-                   overrides: list[str] = (), max_steps: int | None = None, log=print) -> Path:
+                   overrides: list[str] = (), max_steps: int | None = None, fixed: bool = False,
+                   log=print) -> Path:
     out = Path(out)
     if (out / "report.md").exists():
         raise UserError(f"{out} already holds a finished quickstart (see {out / 'report.md'}); "
@@ -54,6 +56,16 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
         cfg.train.max_minutes = minutes
     if max_steps is not None:
         cfg.train.max_steps = max_steps
+    chosen = {}
+    if not fixed:  # settings for this budget, corpus and machine (train/recipe.py); an explicit --set wins
+        speed = recipe.matmul_speed()
+        user_keys = {o.split("=", 1)[0].strip() for o in overrides}
+        size = recipe.corpus_bytes(corpus, cfg.data.max_chars)
+        chosen = recipe.apply(cfg, recipe.choose(cfg.train.max_minutes, size, speed), user_keys)
+        validate(cfg)
+        log(f"[0/5] settings for {cfg.train.max_minutes:g} min on this machine ({speed / 1e9:.0f} GFLOP/s bf16 "
+            f"matmul) and {f'{size / 1e6:.1f} MB of text' if size else 'a corpus of unknown size'}: "
+            + ", ".join(f"{k}={v}" for k, v in chosen.items()) + " (--fixed trains the preset as it is)")
     timings: dict[str, float] = {}
     t_all = time.time()
 
@@ -114,7 +126,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
 
     # 7: report
     log("[5/5] writing the report")
-    results = {"val": ppl.to_dict(), "compression": comp, "multiple_choice": mc.to_dict() if mc else None,
+    results = {"settings_chosen": chosen, "val": ppl.to_dict(), "compression": comp, "multiple_choice": mc.to_dict() if mc else None,
                "train": {"steps": result.step, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
                          "stopped_by": result.stopped_by, "precision": result.precision, "device": result.device},
                "timings_s": timings, "samples": {"greedy": dict(zip(cfg.eval.prompts, greedy)),

@@ -1,0 +1,61 @@
+"""The quickstart's settings for a time budget (train/recipe.py)."""
+
+import json
+
+from scratchlm.config import load_config
+from scratchlm.model import GPT
+from scratchlm.train import recipe
+
+
+def params(shape: dict) -> int:
+    cfg = load_config("quickstart", [f"model.{k}={v}" for k, v in shape.items()] + ["model.vocab_size=1024"])
+    return sum(p.numel() for p in GPT(cfg.model).parameters())
+
+
+def test_more_compute_never_chooses_a_smaller_model():
+    sizes = [params(recipe.size_for(m)) for m in (0.5, 1, 2, 3, 5, 10, 20, 30, 100)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    # a machine twice as fast gets what the reference machine gets in twice the time
+    assert recipe.choose(5, 10**6, 2 * recipe.REFERENCE_FLOPS) == {**recipe.choose(10, 10**6, recipe.REFERENCE_FLOPS),
+                                                                  "train.compile": True}
+
+
+def test_vocabulary_grows_with_the_corpus_within_bounds():
+    sizes = [recipe.vocab_for(b) for b in (10**4, 10**5, 10**6, 4 * 10**6, 16 * 10**6, 10**9)]
+    assert sizes == sorted(sizes) and sizes[0] == 512 and sizes[-1] == 8192
+    assert recipe.vocab_for(10**6) == 1024 and recipe.vocab_for(None) == 1024
+    assert all(v & (v - 1) == 0 for v in sizes)  # powers of two
+
+
+def test_short_budgets_train_eager():
+    assert recipe.choose(1, 10**6, recipe.REFERENCE_FLOPS)["train.compile"] is False
+    assert recipe.choose(3, 10**6, recipe.REFERENCE_FLOPS)["train.compile"] is True
+
+
+def test_an_explicit_setting_wins_over_the_recipe():
+    cfg = load_config("quickstart", ["model.d_model=96"])
+    applied = recipe.apply(cfg, recipe.choose(30, 10**6, recipe.REFERENCE_FLOPS), {"model.d_model"})
+    assert cfg.model.d_model == 96 and not applied.keys() & recipe.SHAPE  # the shape stays the user's
+    assert cfg.tokenizer.vocab_size == applied["tokenizer.vocab_size"] == 1024
+    load_config("quickstart", ["model.d_model=96"]).model.validate()
+
+
+def test_corpus_size_is_read_from_disk_without_reading_the_text(tmp_path, shared):
+    assert recipe.corpus_bytes(str(shared / "tinyshakespeare.txt")) == 1_115_394
+    assert recipe.corpus_bytes(str(shared / "tinyshakespeare.txt"), max_chars=1000) == 1000
+    assert recipe.corpus_bytes("hf:some/dataset") is None
+    assert recipe.corpus_bytes("builtin") == recipe.KJV_TEXT_BYTES
+
+
+def test_quickstart_prints_and_saves_the_settings_it_chose(tmp_path, shared):
+    from scratchlm.quickstart import run_quickstart
+    logs = []
+    run_quickstart(str(shared / "the-verdict.txt"), minutes=0.05, out=str(tmp_path / "qs"), log=logs.append,
+                   overrides=["model.context_length=32", "train.batch_size=8", "train.eval_every=0",
+                              "eval.mc_limit=10"], max_steps=4)
+    line = next(m for m in logs if m.startswith("[0/5]"))
+    chosen = json.loads((tmp_path / "qs" / "results.json").read_text())["settings_chosen"]
+    assert chosen["tokenizer.vocab_size"] == 512 and chosen["train.compile"] is False  # 20 kB of text, 3 s
+    assert "tokenizer.vocab_size=512" in line and "model.d_model" in line
+    saved = (tmp_path / "qs" / "config.toml").read_text()
+    assert f"d_model = {chosen['model.d_model']}" in saved and "vocab_size = 512" in saved
