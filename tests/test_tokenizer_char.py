@@ -175,6 +175,10 @@ def test_cli_train_and_stats_label_char_tokens(tmp_path, shared):
     n = len(NON_ASCII.encode())
     assert f"byte (char) tokens   {n:,}" in r.stdout and "BPE" not in r.stdout
     assert cli("tokenizer", "train", "--out", str(tmp_path / "x")).returncode == 2  # bpe needs --input
+    r = cli("prepare", "--input", str(shared / "the-verdict.txt"), "--out", str(tmp_path / "d"),
+            "--tokenizer-kind", "char", "--vocab-size", "8192")
+    assert r.returncode == 0, r.stderr
+    assert read_index(tmp_path / "d")["vocab_size"] == 262
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
