@@ -56,7 +56,9 @@ def cmd_tokenizer(a) -> None:
         if a.hf:
             from scratchlm.tokenizer.hf_export import export_hf
             export_hf(tok, a.out)
-        print(f"trained {tok.vocab_size} tokens ({len(tok.merges)} merges) -> {a.out} (fingerprint {tok.fingerprint})")
+        made = (f"a char-level tokenizer, {tok.vocab_size} tokens (the 256 bytes + specials, no merges)"
+                if tok.kind == "char" else f"trained {tok.vocab_size} tokens ({len(tok.merges)} merges)")
+        print(f"{made} -> {a.out} (fingerprint {tok.fingerprint})")
     elif a.action == "encode":
         tok = Tokenizer.load(a.tokenizer)
         print(json.dumps(tok.encode(_read_input(a.input), allowed_special="all" if a.allow_special else ())))

@@ -64,6 +64,17 @@ def test_non_ascii_is_several_byte_tokens_and_stats_say_so():
     assert compression_stats(tok, ASCII)["ratio"] == 1.0
 
 
+def test_streamed_text_never_shows_half_a_character():
+    """Char-level generation emits a non-ASCII character one byte at a time: the server's stream
+    must hold the bytes until the character is whole (no U+FFFD in between)."""
+    from scratchlm.serve.text import TextStream
+    tok = Tokenizer.char_level()
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in tok.encode(NON_ASCII)] + [stream.finish()]
+    assert "".join(pieces) == NON_ASCII and "\ufffd" not in "".join(pieces)
+    assert pieces[tok.encode(NON_ASCII).index(0xC3)] == ""  # the first byte of "ï" alone shows nothing
+
+
 def test_fast_equals_reference_on_real_text(shared):
     tok = Tokenizer.char_level()
     for name in ("tinyshakespeare.txt", "wikitext2_valid.txt"):
@@ -157,29 +168,40 @@ def test_cli_train_and_stats_label_char_tokens(tmp_path, shared):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "scratchlm", *args], capture_output=True, text=True)
     r = cli("tokenizer", "train", "--kind", "char", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "a char-level tokenizer, 262 tokens" in r.stdout, r.stderr
     assert Tokenizer.load(tmp_path).kind == "char"
     (tmp_path / "t.txt").write_text(NON_ASCII)
     r = cli("tokenizer", "stats", "--tokenizer", str(tmp_path), "--input", str(tmp_path / "t.txt"))
     n = len(NON_ASCII.encode())
     assert f"byte (char) tokens   {n:,}" in r.stdout and "BPE" not in r.stdout
     assert cli("tokenizer", "train", "--out", str(tmp_path / "x")).returncode == 2  # bpe needs --input
+    r = cli("prepare", "--input", str(shared / "the-verdict.txt"), "--out", str(tmp_path / "d"),
+            "--tokenizer-kind", "char", "--vocab-size", "8192")
+    assert r.returncode == 0, r.stderr
+    assert read_index(tmp_path / "d")["vocab_size"] == 262
 
 
-def test_quickstart_reports_char_level_honestly(tmp_path, shared):
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_quickstart_reports_the_tokenizer_honestly(tmp_path, shared, kind):
     from scratchlm.quickstart import run_quickstart
     logs = []
-    overrides = ["tokenizer.kind=char", "data.max_chars=60000", "model.n_layers=1", "model.d_model=32",
-                 "model.n_heads=2", "model.d_ff=64", "model.context_length=32", "train.batch_size=8",
-                 "train.eval_every=0", "train.compile=false", "eval.mc_limit=10"]
+    overrides = [f"tokenizer.kind={kind}", "tokenizer.vocab_size=300", "data.max_chars=60000", "model.n_layers=1",
+                 "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.context_length=32",
+                 "train.batch_size=8", "train.eval_every=0", "train.compile=false", "eval.mc_limit=10"]
     report = run_quickstart(str(shared / "tinyshakespeare.txt"), out=str(tmp_path / "qs"), overrides=overrides,
                             max_steps=3, log=logs.append).read_text()
     line = next(m for m in logs if m.startswith("[2/5]"))
     comp = json.loads((tmp_path / "qs" / "results.json").read_text())["compression"]
-    assert comp["kind"] == "char" and comp["tokens"] == comp["bytes"] == comp["characters"]  # ASCII passage
-    assert "character-level (262 tokens, one per byte)" in line and "BPE" not in line
-    assert f"{comp['characters']} characters ({comp['bytes']} bytes) is {comp['tokens']} tokens" in line
-    assert "Character-level: 262 tokens" in report and "| byte tokens |" in report and "BPE" not in report
+    assert comp["kind"] == kind and comp["bytes"] == comp["characters"]  # an ASCII passage
+    if kind == "char":
+        assert comp["tokens"] == comp["bytes"]
+        assert "character-level (262 tokens, one per byte)" in line and "BPE" not in line
+        assert f"{comp['characters']} characters ({comp['bytes']} bytes) is {comp['tokens']} tokens" in line
+        assert "Character-level: 262 tokens" in report and "| byte tokens |" in report and "BPE" not in report
+    else:
+        assert comp["tokens"] < comp["characters"]  # 38 merges already shorten it
+        assert f"{comp['char_level_tokens']} character-level tokens but {comp['tokens']} BPE tokens" in line
+        assert "Byte-level BPE, 300 tokens" in report and f"| BPE tokens | {comp['tokens']} |" in report
 
 
 def test_an_answer_longer_than_the_context_is_refused_in_one_line_or_left_out():
