@@ -67,6 +67,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"       # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: train/muon.py)
+    muon_lr: float = 0.02          # muon: the matrices' peak LR (train.lr stays the AdamW parameters'); same schedule
     grad_clip: float = 1.0
     max_steps: int = 1000
     max_tokens: int = 0            # 0 = no token budget
@@ -295,6 +297,8 @@ def validate(cfg: Config) -> Config:
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
         (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, f"train.beta1 and beta2 must be in [0, 1), got "
                                                          f"{t.beta1}, {t.beta2}"),
+        (t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {t.optimizer!r}"),
+        (t.muon_lr > 0, f"train.muon_lr must be > 0, got {t.muon_lr}"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
         (t.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no token budget), got {t.max_tokens}"),

@@ -508,6 +508,8 @@ def test_resume_removes_what_a_killed_save_left(tmp_path, tiny_dataset):
     ("run.device=gpu", "run.device must be auto, cpu"),
     ("data.val_fraction=1.5", "data.val_fraction must be in"),
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size must be >= 257"),
+    ("train.optimizer=sgd", "train.optimizer must be adamw or muon"),
+    ("train.muon_lr=0", "train.muon_lr must be > 0"),
 ])
 def test_config_values_that_cannot_work_fail_when_the_config_loads(override, match):
     extra = ["train.grad_accum=4"] if override.startswith("train.batch_size") else []
