@@ -7,8 +7,8 @@ The loop, once per optimizer step (read `train` below, paragraph by paragraph):
     save a checkpoint, evaluate, sample: once in a while and at the end (the save first, so a
         crash in evaluation never loses training)
     stop, if that was the last step
-    one training step (`train_step`): set the LR, accumulate the gradients of the micro-batches,
-        clip, AdamW
+    one training step (`train_step`): set the LR (and, in a sequence-length warm-up, the length),
+        accumulate the gradients of the micro-batches, clip, AdamW (or Muon + AdamW)
     the budget: steps, tokens, a time budget re-planned from the measured speed; rank 0 decides
         and every rank follows, so all compute the same learning rate and stop together
     log
@@ -42,7 +42,7 @@ from scratchlm.train.logger import MetricsLog, Progress, Speed
 from scratchlm.train.muon import Muon, MuonAdamW
 from scratchlm.train.objective import Objective, PretrainObjective
 from scratchlm.train.precision import autocast, pick_device, pick_precision
-from scratchlm.train.schedule import TimeBudget, lr_continued
+from scratchlm.train.schedule import TimeBudget, lr_continued, seq_length_at
 
 
 @dataclass
@@ -90,7 +90,9 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
     if info.is_main:
         _check_run_dir(run_dir)
 
-    par = parallelize(model.to(device), info, tc.parallel, device, compile=tc.compile)
+    # A sequence-length warm-up trains on a few shapes: a static graph for each, not one with symbolic sizes
+    par = parallelize(model.to(device), info, tc.parallel, device, compile=tc.compile,
+                      dynamic=False if tc.seq_warmup_steps else None)
     optimizer = make_optimizer(model, tc, device, par.sharded)  # after parallelize: FSDP swaps in sharded parameters
     objective.setup(info.rank, info.world_size, micro_batch, cfg.run.seed)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
@@ -206,8 +208,13 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
 
             # one training step
             lr = lr_continued(step, state["planned_steps"], tc, state["lr_anchor"])
+            if tc.seq_warmup_steps:
+                seq_len = seq_length_at(step, tc.seq_warmup_steps, cfg.model.context_length, tc.seq_warmup_start)
+                objective.set_train_length(seq_len)
             out = train_step(par, objective, optimizer, lr, tc.grad_accum, tc.grad_clip, amp,
                              seed=step_seed(cfg.run.seed, info.rank, step), log=say)
+            if tc.seq_warmup_steps:
+                out["seq_len"] = seq_len
             step = state["step"] = step + 1
             state["tokens"] += out["tokens"]
 
