@@ -19,7 +19,7 @@ from typing import Any
 from scratchlm.errors import UserError
 from scratchlm.model.config import ModelConfig
 from scratchlm.tokenizer.bpe import CHAR_VOCAB_SIZE, KINDS
-from scratchlm.train.schedule import SCHEDULES
+from scratchlm.train.schedule import SCHEDULES, train_lengths
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -75,7 +75,12 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"       # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: train/muon.py)
+    muon_lr: float = 0.02          # muon: the matrices' peak LR (train.lr stays the AdamW parameters'); same schedule
     grad_clip: float = 1.0
+    seq_warmup_steps: int = 0      # > 0: pretraining cuts the same tokens into shorter sequences at first, growing
+                                   # to the full context by this step (train/schedule.py seq_length_at)
+    seq_warmup_start: int = 0      # the shortest sequence length of that warm-up; 0 = context/4
     max_steps: int = 1000
     max_tokens: int = 0            # 0 = no token budget
     max_minutes: float = 0.0       # 0 = no time budget
@@ -305,6 +310,17 @@ def validate(cfg: Config) -> Config:
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
         (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, f"train.beta1 and beta2 must be in [0, 1), got "
                                                          f"{t.beta1}, {t.beta2}"),
+        (t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {t.optimizer!r}"),
+        (t.muon_lr > 0, f"train.muon_lr must be > 0, got {t.muon_lr}"),
+        (t.seq_warmup_steps >= 0, f"train.seq_warmup_steps must be >= 0 (0 = off), got {t.seq_warmup_steps}"),
+        (0 <= t.seq_warmup_start <= cfg.model.context_length,
+         f"train.seq_warmup_start must be in [0, model.context_length={cfg.model.context_length}] (0 = context/4), "
+         f"got {t.seq_warmup_start}"),
+        (t.seq_warmup_steps == 0 or cfg.model.context_length < 1
+         or len(train_lengths(cfg.model.context_length, t.seq_warmup_start)) > 1,
+         f"train.seq_warmup_steps needs a shorter length that divides model.context_length="
+         f"{cfg.model.context_length} (context/2, /4 or /8, >= train.seq_warmup_start); use an even context "
+         f"or train.seq_warmup_steps=0"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}"),
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
         (t.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no token budget), got {t.max_tokens}"),

@@ -140,7 +140,10 @@ def device_memory(cfg: Config, counts: ParamCounts, micro_batch: int, devices: i
     # FSDP shards the head's weight, so the model takes the plain (logits-materialising) loss path there
     acts = activation_bytes(cfg.model, micro_batch * cfg.model.context_length, precision, checkpointing,
                             fused_head=shard == 1)
-    return DeviceMemory(4 * n / shard, 4 * n / shard, 8 * n / shard, communication, acts, overhead)
+    # AdamW keeps two moments (8 B/param); Muon one momentum buffer (4 B) for the blocks' matrices
+    muon = counts.n_layers * counts.block_matrices if cfg.train.optimizer == "muon" else 0
+    optimizer = 8 * (n - muon) + 4 * muon
+    return DeviceMemory(4 * n / shard, 4 * n / shard, optimizer / shard, communication, acts, overhead)
 
 
 def _fits(total: float, memory_gib: float) -> str:
@@ -278,6 +281,8 @@ def _plan_warnings(plan: Plan) -> list[str]:
         fixes.append("more devices")
         warnings.append(f"needs ~{plan.memory.total / GiB:.1f} GiB per device: does not fit on "
                         f"{', '.join(too_small)}; try {', '.join(fixes)}")
+    if tc.optimizer == "muon" and plan.parallel == "fsdp" and plan.devices > 1:
+        warnings.append("train.optimizer=muon does not run under FSDP (the trainer refuses it): use --parallel ddp")
     if plan.checkpointing:
         warnings.append("activation checkpointing is planned here, but scratchlm's trainer does not "
                         "implement it yet: a real run needs the memory without it")
@@ -342,7 +347,8 @@ def render(plan: Plan) -> str:
     out.append(f"\nmemory per GPU (GiB)                 {'without':>8} {'with activation checkpointing':>30}")
     lines = [(f"weights, fp32 (4 B/param{shard})", without.weights, with_ck.weights),
              (f"gradients, fp32 (4 B/param{shard})", without.gradients, with_ck.gradients),
-             (f"AdamW moments (8 B/param{shard})", without.optimizer, with_ck.optimizer),
+             (f"AdamW moments (8 B/param{shard})" if tc.optimizer == "adamw" else
+              f"Muon momentum (4 B/matrix param) + AdamW (8 B/other){shard}", without.optimizer, with_ck.optimizer),
              (comm if plan.devices > 1 else "(one device: no communication)", without.communication,
               with_ck.communication),
              ("bf16 weight copies (autocast)", without.activations.weight_copies, with_ck.activations.weight_copies),

@@ -49,6 +49,8 @@ def test_param_count_matches_the_model(variant):
                          **variant})
     model = GPT(cfg)
     assert param_counts(cfg).total == sum(p.numel() for p in model.parameters())
+    assert param_counts(cfg).block_matrices * cfg.n_layers == sum(  # what Muon trains
+        p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
     assert model.flops_per_token() == flops_per_token(cfg)
 
 
@@ -108,6 +110,12 @@ def test_hand_counted_memory_ddp_and_fsdp():
     assert (fsdp.weights, fsdp.gradients, fsdp.optimizer) == (n, n, 2 * n)  # 16 B/param over 4 devices
     outside = n - 2 * 784
     assert fsdp.communication == 4 * (outside + 2 * 784) + 4 * (outside + 784)
+    # Muon: one 4 B momentum for the 2 x 768 block matrices (qkv 192, out 64, up 256, down 256), AdamW 8 B the rest
+    muon = make_plan(_cfg("train.optimizer=muon"), devices=1, cpu_peak=CPU_PEAK)
+    assert muon.memory.optimizer == 8 * (n - 2 * 768) + 4 * 2 * 768
+    assert "Muon momentum" in render(muon)
+    assert any("muon" in w for w in make_plan(_cfg("train.optimizer=muon"), devices=4, parallel="fsdp",
+                                               cpu_peak=CPU_PEAK).warnings)
     bf16 = make_plan(_cfg(), devices=1, cpu_peak=CPU_PEAK).memory
     assert bf16.activations.weight_copies == 2 * 2376      # autocast's bf16 copy of every matmul weight
 

@@ -535,6 +535,8 @@ def test_resume_removes_what_a_killed_save_left(tmp_path, tiny_dataset):
     ("run.device=gpu", "run.device must be auto, cpu"),
     ("data.val_fraction=1.5", "data.val_fraction must be in"),
     ("tokenizer.vocab_size=100", "tokenizer.vocab_size must be >= 257"),
+    ("train.optimizer=sgd", "train.optimizer must be adamw or muon"),
+    ("train.muon_lr=0", "train.muon_lr must be > 0"),
 ])
 def test_config_values_that_cannot_work_fail_when_the_config_loads(override, match):
     extra = ["train.grad_accum=4"] if override.startswith("train.batch_size") else []
@@ -744,3 +746,55 @@ def test_compile_true_trains(tmp_path, tiny_dataset):
         assert not fell_back, messages
     if not fell_back:
         assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), abs=1e-4)
+
+
+def test_seq_length_warmup_schedule():
+    from scratchlm.train.schedule import seq_length_at, train_lengths
+    assert train_lengths(96, 0) == [24, 48, 96] and train_lengths(256, 32) == [32, 64, 128, 256]
+    assert train_lengths(30, 0) == [15, 30]            # 30 halves once exactly, not twice
+    for context, start in ((96, 0), (256, 32), (30, 0)):
+        seen = [seq_length_at(s, 20, context, start) for s in range(30)]
+        assert seen[0] == train_lengths(context, start)[0] and seen[20:] == [context] * 10
+        assert all(a <= b for a, b in zip(seen, seen[1:])) and all(context % n == 0 for n in seen)
+        assert len(set(seen)) <= 4
+    assert [seq_length_at(s, 0, 96) for s in (0, 5)] == [96, 96]  # off
+    with pytest.raises(UserError, match="seq_warmup_steps needs a shorter length"):
+        load_config("tiny", ["model.context_length=31", "train.seq_warmup_steps=5"])
+    with pytest.raises(UserError, match="seq_warmup_start must be in"):
+        load_config("tiny", ["model.context_length=32", "train.seq_warmup_start=64"])
+
+
+def test_seq_length_warmup_grows_the_shapes_keeps_tokens_and_resumes_exactly(tmp_path, tiny_dataset):
+    """The model sees (16 x 8) then (8 x 16) then (4 x 32) tokens: the same 128 a micro-step, counted as
+    such; a run resumed from a checkpoint inside the warm-up continues bit for bit."""
+    import shutil
+    from scratchlm.model import GPT
+    from scratchlm.train.objective import PretrainObjective
+    from scratchlm.train.trainer import train
+    sets = SMALL + ["train.seq_warmup_steps=6", "train.max_steps=10", "train.checkpoint_every=4",
+                    "train.keep_last=5", "train.grad_accum=2", f"run.out_dir={tmp_path}"]
+
+    def run(name: str, resume: bool = False) -> list[tuple[int, int]]:
+        cfg = load_config("tiny", sets + [f"run.name={name}"])
+        objective = PretrainObjective(tiny_dataset, cfg.model.context_length)
+        cfg.model.vocab_size = objective.tokenizer.vocab_size
+        torch.manual_seed(cfg.run.seed)
+        model, shapes = GPT(cfg.model), []
+        model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)) if m.training else None)
+        train(cfg, model, objective, resume=resume, quiet=True, log=lambda *_: None)
+        return shapes
+
+    shapes = run("straight")
+    assert shapes == [(16, 8)] * 4 + [(8, 16)] * 8 + [(4, 32)] * 8  # 2 micro-steps a step: 2, 4, 4 steps
+    rows = [json.loads(ln) for ln in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["seq_len"] for r in steps] == [8, 8, 16, 16, 16, 16, 32, 32, 32, 32]  # ramp 8 + 4·step
+    assert [r["tokens"] for r in steps] == [256 * (i + 1) for i in range(10)]  # real tokens, the same each step
+    shutil.copytree(tmp_path / "straight", tmp_path / "again")
+    for name in ("step_000008", "step_000010"):  # as if killed just after step 4's checkpoint
+        shutil.rmtree(tmp_path / "again" / "checkpoints" / name)
+    shutil.rmtree(tmp_path / "again" / "best", ignore_errors=True)
+    assert run("again", resume=True) == [(8, 16)] * 4 + [(4, 32)] * 8  # steps 5-10: the schedule goes on
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "again")

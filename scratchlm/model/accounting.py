@@ -23,6 +23,7 @@ class ParamCounts:
     position_embedding: int   # the T×d learned position table, 0 otherwise
     output_head: int          # a separate V×d output matrix when untied, 0 when tied
     per_block: int            # one transformer block
+    block_matrices: int       # the 2-D weights in one block (attention and MLP): what Muon trains
     n_layers: int
     tied: bool
 
@@ -52,13 +53,14 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     attn = d * qkv_out + bias * qkv_out + d * d + bias * d
     n_up = 2 if cfg.ffn == "swiglu" else 1                            # SwiGLU adds a gate matrix
     ffn = n_up * (d * f + bias * f) + f * d + bias * d
+    matrices = d * qkv_out + d * d + n_up * d * f + f * d
     qk_norm = 2 * cfg.head_dim if cfg.qk_norm else 0                  # q and k gains, shared by the heads
     block = 2 * norm + attn + ffn + qk_norm
     token = V * d
     position = T * d if cfg.pos_encoding == "learned" else 0
     head = 0 if cfg.tie_embeddings else V * d
     total = token + position + cfg.n_layers * block + norm + head
-    return ParamCounts(total, token, position, head, block, cfg.n_layers, cfg.tie_embeddings)
+    return ParamCounts(total, token, position, head, block, matrices, cfg.n_layers, cfg.tie_embeddings)
 
 
 def flops_per_token(cfg: ModelConfig) -> float:

@@ -106,10 +106,10 @@ class Parallel:
 
 
 def parallelize(model: nn.Module, info: DistInfo, kind: str, device: torch.device,
-                compile: bool = False) -> Parallel:
+                compile: bool = False, dynamic: bool | None = None) -> Parallel:
     """Wrap a model (already on `device`) for this process: DDP or FSDP when there are several
-    ranks, then torch.compile if asked. Call before building the optimizer: FSDP replaces the
-    parameters with sharded ones."""
+    ranks, then torch.compile if asked (dynamic=False: one graph per input shape, none with
+    symbolic sizes). Call before building the optimizer: FSDP replaces the parameters with sharded ones."""
     if not info.enabled:
         kind, wrapped = "single", model
     elif kind == "fsdp":
@@ -118,7 +118,7 @@ def parallelize(model: nn.Module, info: DistInfo, kind: str, device: torch.devic
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Parallel(model=torch.compile(wrapped) if compile else wrapped, eager=wrapped, info=info, kind=kind,
+    return Parallel(model=torch.compile(wrapped, dynamic=dynamic) if compile else wrapped, eager=wrapped, info=info, kind=kind,
                     device=device)
 
 

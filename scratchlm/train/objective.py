@@ -85,6 +85,10 @@ class Objective:
         """JSON saved in the checkpoint's state.json under "task"; load_for_inference reads it back."""
         return {"kind": "pretrain"}
 
+    def set_train_length(self, length: int) -> None:
+        """Sequence-length warm-up (train.seq_warmup_steps): train on sequences of `length` tokens."""
+        raise UserError("train.seq_warmup_steps is for pretraining; set it to 0 for this stage")
+
     def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """None = save the whole model (default). A LoRA run returns only the adapter tensors; on
         resume the trainer then loads the checkpoint into the model the caller built with strict=False."""
@@ -113,6 +117,7 @@ class PretrainObjective(Objective):
         self.loader: RandomWindowLoader | None = None
         self.resume_state: dict | None = None  # a data position loaded before setup()
         self.seed = 0
+        self.train_length = context_length  # shorter during a sequence-length warm-up
 
     def setup(self, rank: int, world_size: int, micro_batch: int, seed: int) -> None:
         # The loader cuts each global micro-batch (micro_batch x world_size windows) into one slice per rank.
@@ -122,9 +127,14 @@ class PretrainObjective(Objective):
         if self.resume_state is not None:
             self.loader.load_state_dict(self.resume_state)
 
+    def set_train_length(self, length: int) -> None:
+        self.train_length = length
+
     def next_batch(self) -> dict[str, torch.Tensor]:
         x, y = self.loader.next_batch()
-        return {"input": x, "target": y}
+        # Sequence-length warm-up: the same windows, cut into shorter sequences (the same tokens per step)
+        n = self.train_length
+        return {"input": x.reshape(-1, n), "target": y.reshape(-1, n)}
 
     def count(self, batch: dict) -> int:
         return batch["target"].numel()

@@ -7,6 +7,9 @@ warmup: linear from lr/warmup to lr over `warmup_steps`, then
   constant: flat
 Past `total_steps` the rate stays at its final value: it never turns around or goes negative.
 
+Sequence-length warm-up (`seq_length_at`): the first steps train on the same tokens cut into
+shorter sequences (context/8, /4, /2, then the full context), each one a stage of a linear ramp.
+
 A schedule needs to know where the run ends. With a time budget nobody knows that at the start,
 so `TimeBudget` estimates it from the measured speed and re-estimates as the run goes. Its one
 promise: after warm-up the learning rate never rises, whatever the estimates do. A shorter plan
@@ -64,6 +67,23 @@ def lr_continued(step: int, total_steps: int, tc, anchor: tuple[int, float] | No
     floor = tc.lr * tc.min_lr_ratio
     ratio = min(floor / lr0, 1.0) if lr0 > 0 else 1.0
     return lr_at(step - start, total_steps - start, lr0, 0, tc.schedule, ratio, tc.decay_fraction)
+
+
+def train_lengths(context: int, start: int) -> list[int]:
+    """The sequence lengths a warm-up from `start` (0 = context/4) uses, shortest first: the context
+    halved at most three times, only where it divides exactly (few shapes: few torch.compile graphs)."""
+    start = start or context // 4
+    return sorted(context >> k for k in range(4) if context % (1 << k) == 0 and context >> k >= start)
+
+
+def seq_length_at(step: int, warmup_steps: int, context: int, start: int = 0) -> int:
+    """The training sequence length at `step`: the longest stage not beyond a linear ramp from the
+    shortest length (step 0) to the full context (step `warmup_steps` and after)."""
+    lengths = train_lengths(context, start)
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return context
+    ramp = lengths[0] + (context - lengths[0]) * step / warmup_steps
+    return max(n for n in lengths if n <= ramp)
 
 
 class TimeBudget:

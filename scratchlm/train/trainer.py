@@ -7,8 +7,8 @@ The loop, once per optimizer step (read `train` below, paragraph by paragraph):
     save a checkpoint, evaluate, sample: once in a while and at the end (the save first, so a
         crash in evaluation never loses training)
     stop, if that was the last step
-    one training step (`train_step`): set the LR, accumulate the gradients of the micro-batches,
-        clip, AdamW
+    one training step (`train_step`): set the LR (and, in a sequence-length warm-up, the length),
+        accumulate the gradients of the micro-batches, clip, AdamW (or Muon + AdamW)
     the budget: steps, tokens, a time budget re-planned from the measured speed; rank 0 decides
         and every rank follows, so all compute the same learning rate and stop together
     log
@@ -40,9 +40,10 @@ from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.distributed import Parallel, agree_on_stop, all_ranks_agree, barrier, parallelize, setup, teardown
 from scratchlm.train.hardware import peak_flops
 from scratchlm.train.logger import MetricsLog, Progress, Speed
+from scratchlm.train.muon import Muon, MuonAdamW
 from scratchlm.train.objective import Objective, PretrainObjective
 from scratchlm.train.precision import autocast, pick_device, pick_precision
-from scratchlm.train.schedule import TimeBudget, lr_continued, plateau
+from scratchlm.train.schedule import TimeBudget, lr_continued, plateau, seq_length_at
 
 
 @dataclass
@@ -94,8 +95,10 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
     if info.is_main:
         _check_run_dir(run_dir)
 
-    par = parallelize(model.to(device), info, tc.parallel, device, compile=tc.compile)
-    optimizer = make_optimizer(model, tc, device)  # after parallelize: FSDP swaps in sharded parameters
+    # A sequence-length warm-up trains on a few shapes: a static graph for each, not one with symbolic sizes
+    par = parallelize(model.to(device), info, tc.parallel, device, compile=tc.compile,
+                      dynamic=False if tc.seq_warmup_steps else None)
+    optimizer = make_optimizer(model, tc, device, par.sharded)  # after parallelize: FSDP swaps in sharded parameters
     objective.setup(info.rank, info.world_size, micro_batch, cfg.run.seed)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
     state = {"step": 0, "tokens": 0, "planned_steps": tc.max_steps, "best_val_loss": math.inf, "elapsed": 0.0,
@@ -210,8 +213,13 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
 
             # one training step
             lr = lr_continued(step, state["planned_steps"], tc, state["lr_anchor"])
+            if tc.seq_warmup_steps:
+                seq_len = seq_length_at(step, tc.seq_warmup_steps, cfg.model.context_length, tc.seq_warmup_start)
+                objective.set_train_length(seq_len)
             out = train_step(par, objective, optimizer, lr, tc.grad_accum, tc.grad_clip, amp,
                              seed=step_seed(cfg.run.seed, info.rank, step), log=say)
+            if tc.seq_warmup_steps:
+                out["seq_len"] = seq_len
             step = state["step"] = step + 1
             state["tokens"] += out["tokens"]
 
@@ -236,7 +244,7 @@ def train_step(par: Parallel, objective: Objective, optimizer: torch.optim.Optim
     started = time.time()
     torch.manual_seed(seed)  # dropout: different on every rank and step, the same again on resume
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: their own peak, the same schedule
     batches = [objective.next_batch() for _ in range(grad_accum)]
     (total,) = par.sum([float(sum(objective.count(b) for b in batches))])
     # Each term weighs 1/total. DDP and FSDP *average* gradients over ranks, so each rank scales its
@@ -318,16 +326,34 @@ def micro_batch_size(tc, world_size: int) -> int:
     return tc.batch_size // (tc.grad_accum * world_size)
 
 
-def make_optimizer(model: nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, tc, device: torch.device, sharded: bool = False):
     """AdamW over the parameters that train; weight decay only on matrices (>= 2-D) that are not
-    embeddings: not norms, biases, embeddings or the output matrix tied to them."""
+    embeddings: not norms, biases, embeddings or the output matrix tied to them.
+
+    train.optimizer=muon: the blocks' matrices (layers.N..., 2-D) go to Muon instead (train/muon.py),
+    at train.muon_lr; each group's `lr_scale` is its peak LR over train.lr, so one schedule drives both."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+    decay, no_decay, matrices, qkv = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if tc.optimizer == "muon" and p.dim() == 2 and name.startswith("layers."):
+            (qkv if name.endswith("attn.qkv.weight") else matrices).append(p)
+        else:
             (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    if tc.optimizer == "adamw":
+        return adamw
+    if sharded:
+        raise UserError("train.optimizer=muon cannot run under train.parallel=fsdp (Newton-Schulz needs whole "
+                        "matrices, FSDP holds shards of them); use train.parallel=ddp or train.optimizer=adamw")
+    c = getattr(model, "cfg", None)
+    splits = [c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim] if c else None
+    scale = tc.muon_lr / tc.lr
+    muon = Muon([{"params": matrices, "lr_scale": scale}, {"params": qkv, "lr_scale": scale, "row_splits": splits}],
+                lr=tc.muon_lr)
+    return MuonAdamW(muon, adamw)
 
 
 def model_fingerprint(cfg: Config) -> dict:
@@ -358,6 +384,11 @@ def _resume(cfg: Config, model: nn.Module, optimizer, objective: Objective, par:
                         f"resume with the original config or start a new run")
     if saved.get("tokenizer_fingerprint") != objective.tokenizer.fingerprint:
         raise UserError(f"cannot resume {cfg.run_dir}: the dataset's tokenizer differs from the checkpoint's")
+    old = saved.get("config", {}).get("train", {})
+    if old.get("optimizer", "adamw") != tc.optimizer:  # a key the checkpoint predates: its default
+        raise UserError(f"cannot resume {cfg.run_dir}: it was trained with train.optimizer="
+                        f"{old.get('optimizer', 'adamw')}, not {tc.optimizer}; resume with that optimizer or start "
+                        f"a new run")
     partial = objective.checkpoint_weights(model) is not None
     ckpt.load_training_state(model, optimizer, start, sharded_model=par.sharded, strict=not partial)
     objective.load_state_dict(saved.get("data", saved.get("loader", {})))
@@ -365,7 +396,6 @@ def _resume(cfg: Config, model: nn.Module, optimizer, objective: Objective, par:
     for k in state:
         state[k] = saved.get(k, state[k])
     step = state["step"]
-    old = saved.get("config", {}).get("train", {})
     changed = [f"train.{k} {old.get(k)} -> {getattr(tc, k)}" for k in ("max_steps", "max_tokens", "max_minutes")
                if k in old and old[k] != getattr(tc, k)]
     if changed:
