@@ -193,3 +193,22 @@ def test_compression_stats_is_the_one_used_by_the_cli(small_tokenizer, shared, t
     r = subprocess.run([sys.executable, "-m", "scratchlm", "tokenizer", "stats", "--tokenizer", str(tmp_path),
                         "--input", str(shared / "the-verdict.txt")], capture_output=True, text=True)
     assert f"BPE tokens           {c['bpe_tokens']:,}" in r.stdout
+
+
+def test_loaded_tokenizer_whose_pattern_skips_characters_refuses_to_encode(tmp_path, small_tokenizer):
+    """Training checks coverage on its own text only; a loaded (or imported) tokenizer brings its own
+    pattern. Every encoder checks that the ids spell every byte, and says how much would be lost."""
+    lossy = Tokenizer(small_tokenizer.merges, pattern=r" ?\p{L}+")  # no alternative for punctuation or digits
+    lossy.save(tmp_path)
+    tok = Tokenizer.load(tmp_path)
+    assert tok.decode(tok.fast.encode_ordinary("Hello, world!")) == "Hello world"  # what tiktoken alone gives
+    for encode in (tok.encode, tok.encode_ordinary, tok.encode_python, lambda t: tok.encode_batch(["ok", t])):
+        with pytest.raises(UserError, match=r"skips 2 of 13 bytes \(15\.38%\).*','"):
+            encode("Hello, world!")
+    with pytest.raises(UserError, match="skips 1 of"):
+        tok.encode("Hi<|endoftext|>!", allowed_special="all")
+    assert tok.decode(tok.encode("Hi<|endoftext|> there", allowed_special="all")) == "Hi<|endoftext|> there"
+    text = "Hello, world! 1234 \n\t ü 中文 😀 <|endoftext|>"
+    for ids in (small_tokenizer.encode(text, allowed_special="all"), small_tokenizer.encode_batch([text])[0],
+                small_tokenizer.encode_python(text, allowed_special="all")):
+        assert small_tokenizer.decode(ids) == text
