@@ -25,6 +25,8 @@ import json
 import multiprocessing as mp
 import os
 from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Literal, Mapping
 
@@ -130,14 +132,22 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Co
         for b in batches:
             absorb(_count_batch(b))
     else:
-        with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(num_workers) as pool:
+        # A process pool that notices a dead worker: multiprocessing.Pool waits forever for the task of
+        # a worker that died (killed, or out of memory while it unpickled its batch).
+        pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context("fork" if os.name == "posix" else "spawn"))
+        try:
             pending: deque = deque()
             for b in batches:
-                pending.append(pool.apply_async(_count_batch, (b,)))
+                pending.append(pool.submit(_count_batch, b))
                 if len(pending) >= 2 * num_workers:
-                    absorb(pending.popleft().get())
+                    absorb(pending.popleft().result())
             while pending:
-                absorb(pending.popleft().get())
+                absorb(pending.popleft().result())
+        except (BrokenProcessPool, MemoryError) as e:
+            raise UserError(f"a tokenizer training worker ran out of memory or died ({type(e).__name__}); "
+                            "free memory, or train with fewer workers") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     if covered < chars:
         raise UserError(f"the pre-tokenizer pattern skips {chars - covered:,} of {chars:,} characters "
                         f"({100 * (chars - covered) / chars:.2f}%, e.g. {lost!r}), which encoding would lose; "
