@@ -33,7 +33,7 @@ from scratchlm.train.trainer import pretrain
 
 
 def val_documents(dataset_dir: Path, tok: Tokenizer) -> list[str]:
-    val = np.asarray(load_split(dataset_dir, "val"))
+    val = np.asarray(load_split(dataset_dir, "val", tokenizer=tok))
     cuts = np.flatnonzero(val == tok.eot_id)
     docs, start = [], 0
     for c in cuts:

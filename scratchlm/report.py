@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 from scratchlm.atomic import write_text
@@ -41,6 +42,28 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def code_block(text: str, lang: str = "") -> str:
+    """A fenced code block that holds any text: the fence is longer than every run of backticks in
+    it (CommonMark closes a fence only with one at least as long), so a sample that contains ```
+    cannot end the block early and turn the rest of the report into its own Markdown."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}{'' if text.endswith(chr(10)) else chr(10)}{fence}"
+
+
+def inline_text(text: str) -> str:
+    """Text shown as itself inside Markdown: every ASCII punctuation character that Markdown (or
+    raw HTML, e.g. <script>) could read as syntax is backslash-escaped; newlines become spaces."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>&~])", r"\\\1", text.replace("\n", " "))
+
+
+def samples_section(samples: dict) -> str:
+    """Each prompt's greedy and sampled continuation, verbatim: model text is data, never Markdown."""
+    return "\n\n".join(f"**{inline_text(repr(p))}** (greedy)\n{code_block(p + g)}\n\n"
+                       f"**{inline_text(repr(p))}** (temperature 0.8, top-k 50)\n{code_block(p + samples['sampled'][p])}"
+                       for p, g in samples["greedy"].items())
 
 
 def write_report(run_dir: Path, title: str, sections: list[tuple[str, str]]) -> Path:
@@ -105,8 +128,7 @@ def quickstart_sections(results: dict, index: dict, evals: list[dict], *, corpus
         ("Training", ("![loss curve](loss.png)\n\n" if plot else "") + table(
             [[e["step"], f"{e['val_loss']:.4f}", f"{e['val_ppl']:.2f}", f"{e['val_bpb']:.4f}"] for e in evals],
             ["step", "val loss", "val ppl", "val bits/byte"])),
-        ("Samples", "\n\n".join(f"**{p!r}** (greedy)\n```\n{p}{g}\n```\n\n**{p!r}** (temperature 0.8, top-k 50)\n"
-                                f"```\n{p}{samples['sampled'][p]}\n```" for p, g in samples["greedy"].items())),
+        ("Samples", samples_section(samples)),
         ("Timings", table([[k, f"{v:.1f} s"] for k, v in results["timings_s"].items()], ["stage", "wall time"])),
-        ("Config", f"```toml\n{config_toml}```"),
+        ("Config", code_block(config_toml, "toml")),
     ]

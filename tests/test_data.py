@@ -289,6 +289,78 @@ def test_prepare_and_loader_memory_does_not_grow_with_the_corpus(tmp_path, share
     assert growth[1] - growth[0] < (sizes[1] - sizes[0]) / 2, ([g / 1e6 for g in growth], [x / 1e6 for x in sizes])
 
 
+CAPPED_PREPARE = r"""
+import json, resource, sys
+import scratchlm.data.prepare as P, scratchlm.data.sources as S
+from scratchlm.config import DataConfig, TokenizerConfig
+from scratchlm.data.sources import iter_documents
+from scratchlm.errors import UserError
+# Smaller pieces and batches than the defaults, so that a corpus of tens of MB outgrows the cap.
+S.PIECE_CHARS = S.READ_BYTES = P.BATCH_CHARS = 1 << 18
+
+def vm_peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmPeak:"):
+            return int(line.split()[1]) * 1024
+
+def run(corpus, out):
+    return P.prepare(DataConfig(corpus=corpus, val_fraction=0.01, shard_tokens=1_000_000),
+                     TokenizerConfig(vocab_size=300), out, log=lambda *_: None)
+
+small, big, big_json, out, margin = sys.argv[1:6]
+run(small, out + "-warm")  # imports, malloc arenas, tiktoken's threads, the tokenizer's worker pool
+cap = vm_peak() + int(margin)  # address space: everything so far, and `margin` more
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+try:
+    s = run(big, out)
+    records = sum(1 for _ in iter_documents(big_json))
+except UserError as e:
+    print(json.dumps({"error": str(e)}))
+    sys.exit(1)
+print(json.dumps({**s, "json_records": records, "cap_over_baseline": int(margin)}))
+"""
+
+
+def test_prepare_streams_one_huge_text_file_under_a_memory_cap(tmp_path, shared):
+    """One 48 MB .txt file (and a 48 MB .json array) under an address-space cap of 32 MB over what a
+    small warm-up prepare needed: reading either file whole would need more than the cap, so they
+    must stream, in pieces cut at blank lines, through every pass (clean, dedup, tokenizer training
+    in worker processes, encoding). Malloc gets one arena (MALLOC_ARENA_MAX=1) so that threads do
+    not reserve 64 MB arenas of address space each."""
+    import random
+    import subprocess
+    import sys
+    rng = random.Random(0)
+    words = sorted(set((shared / "tinyshakespeare.txt").read_text().split()))[:3000]
+
+    def paragraphs(n_chars):
+        n = 0
+        while n < n_chars:
+            para = "\n".join(" ".join(rng.choices(words, k=12)) for _ in range(8)) + "\n\n"
+            n += len(para)
+            yield para
+    (tmp_path / "small.txt").write_text("".join(paragraphs(1_000_000)))
+    big, big_json = tmp_path / "big.txt", tmp_path / "big.json"
+    with open(big, "w") as f:
+        f.writelines(paragraphs(48_000_000))
+    with open(big_json, "w") as f:
+        f.write("[")
+        for i, para in enumerate(paragraphs(48_000_000)):
+            f.write((", " if i else "") + json.dumps({"id": i, "text": para}))
+        f.write("]")
+    margin = 32 << 20
+    assert big.stat().st_size > margin and big_json.stat().st_size > margin
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    r = subprocess.run([sys.executable, "-c", CAPPED_PREPARE, str(tmp_path / "small.txt"), str(big), str(big_json),
+                        str(tmp_path / "out"), str(margin)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert s["json_records"] == i + 1
+    index = read_index(tmp_path / "out")
+    assert index["stats"]["clean"]["bytes_in"] == big.stat().st_size
+    assert s["split_by"] == "document" and s["train_docs"] + s["val_docs"] == index["stats"]["clean"]["docs_out"] > 100
+
+
 def test_wordless_documents_are_not_near_duplicates_of_each_other(shared):
     texts = ["!!! ??? ...", "--- *** ---", "12 34 56"[:0] + "### ### ###", "... ... ,,,",
              (shared / "the-verdict.txt").read_text()[:3000]]
@@ -356,3 +428,30 @@ def test_minhash_signatures_do_not_depend_on_chunking_or_threads(shared):
     ref = h.signatures(docs, chunk_rows=1 << 20, threads=1)
     for chunk_rows, threads in [(1024, 2), (7, 3), (64, 1), (1 << 16, 2)]:
         assert np.array_equal(h.signatures(docs, chunk_rows=chunk_rows, threads=threads), ref)
+
+
+def test_json_array_and_text_files_stream_in_pieces(tmp_path, monkeypatch):
+    """With tiny read and piece sizes, every boundary case is crossed many times: a UTF-8 character or
+    \r\n split between reads, records split between reads, a one-line JSON array. The pieces join
+    back to the file; bad bytes are counted once; errors still name the record."""
+    import scratchlm.data.sources as sources
+    monkeypatch.setattr(sources, "READ_BYTES", 7)
+    monkeypatch.setattr(sources, "PIECE_CHARS", 64)
+    text = "First line, ü é\r\nsecond line 1.5\r\n\r\nA paragraph of words that runs on for a while. " * 12
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbf" + text.encode() + b"tail \xff\xfe \xef\xbf\xbd")
+    docs = list(iter_documents(str(tmp_path / "t.txt")))
+    assert len(docs) > 10 and max(len(d.text) for d in docs) <= 64
+    assert "".join(d.text for d in docs) == text.replace("\r\n", "\n") + "tail \ufffd\ufffd \ufffd"
+    assert sum(d.bad_bytes for d in docs) == 2 and docs[0].text.startswith("First line")
+    records = [{"n": 1.25e3 * i, "text": "héllo, wörld " * (i % 7) + str(i)} for i in range(40)]
+    (tmp_path / "a.json").write_text("\n \n" + json.dumps(records))  # one line after blank ones
+    docs = list(iter_documents(str(tmp_path / "a.json")))
+    assert "".join(d.text for d in docs) == "".join(r["text"] for r in records) and len(docs) > 40
+    assert docs[0].source.endswith("a.json:1") and docs[-1].source.endswith("a.json:40")
+    (tmp_path / "b.json").write_text('[{"text": "a"}, {"text": "b"}, {"text": "c" ')
+    with pytest.raises(UserError, match=r"b.json: not valid JSON in record 3"):
+        list(iter_documents(str(tmp_path / "b.json")))
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n' + json.dumps({"text": "x" * 30}) + "\n{bad\n")
+    with pytest.raises(UserError, match=r"c.jsonl:4: malformed"):
+        list(iter_documents(str(tmp_path / "c.jsonl")))
+    assert list(iter_documents(str(tmp_path / "c.jsonl"), ReadOptions(on_bad_record="skip")))[1].text == "x" * 30

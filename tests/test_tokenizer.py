@@ -193,3 +193,53 @@ def test_compression_stats_is_the_one_used_by_the_cli(small_tokenizer, shared, t
     r = subprocess.run([sys.executable, "-m", "scratchlm", "tokenizer", "stats", "--tokenizer", str(tmp_path),
                         "--input", str(shared / "the-verdict.txt")], capture_output=True, text=True)
     assert f"BPE tokens           {c['tokens']:,}" in r.stdout
+
+
+def test_loaded_tokenizer_whose_pattern_skips_characters_refuses_to_encode(tmp_path, small_tokenizer):
+    """Training checks coverage on its own text only; a loaded (or imported) tokenizer brings its own
+    pattern. Every encoder checks that the ids spell every byte, and says how much would be lost."""
+    lossy = Tokenizer(small_tokenizer.merges, pattern=r" ?\p{L}+")  # no alternative for punctuation or digits
+    lossy.save(tmp_path)
+    tok = Tokenizer.load(tmp_path)
+    assert tok.decode(tok.fast.encode_ordinary("Hello, world!")) == "Hello world"  # what tiktoken alone gives
+    for encode in (tok.encode, tok.encode_ordinary, tok.encode_python, lambda t: tok.encode_batch(["ok", t])):
+        with pytest.raises(UserError, match=r"skips 2 of 13 bytes \(15\.38%\).*','"):
+            encode("Hello, world!")
+    with pytest.raises(UserError, match="skips 1 of"):
+        tok.encode("Hi<|endoftext|>!", allowed_special="all")
+    assert tok.decode(tok.encode("Hi<|endoftext|> there", allowed_special="all")) == "Hi<|endoftext|> there"
+    text = "Hello, world! 1234 \n\t ü 中文 😀 <|endoftext|>"
+    for ids in (small_tokenizer.encode(text, allowed_special="all"), small_tokenizer.encode_batch([text])[0],
+                small_tokenizer.encode_python(text, allowed_special="all")):
+        assert small_tokenizer.decode(ids) == text
+
+
+WORKER_DIES = r"""
+import os, signal, sys
+import scratchlm.tokenizer.bpe as bpe
+from scratchlm.errors import UserError
+
+def killed(args):  # what the kernel's OOM killer does to a worker
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def out_of_memory(args):
+    raise MemoryError
+
+for fail in (killed, out_of_memory):
+    bpe._count_batch = fail  # the forked workers see the same module
+    try:
+        bpe.count_chunks(["Hello, world! " * 100] * 8, bpe.GPT4_PATTERN, num_workers=2)
+    except UserError as e:
+        print(e)
+"""
+
+
+def test_a_tokenizer_worker_that_dies_is_one_error_never_a_hang():
+    """multiprocessing.Pool waits forever for the task of a worker that died; ours raises."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", WORKER_DIES], capture_output=True, text=True, timeout=60)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stderr[-2000:]
+    assert "BrokenProcessPool" in lines[0] and "MemoryError" in lines[1]
+    assert all("tokenizer training worker ran out of memory or died" in line for line in lines)

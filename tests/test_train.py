@@ -798,3 +798,23 @@ def test_seq_length_warmup_grows_the_shapes_keeps_tokens_and_resumes_exactly(tmp
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "again")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "straight") == losses(tmp_path / "again")
+
+
+def test_shards_of_another_tokenizer_refused_before_training(tmp_path, tiny_dataset, small_tokenizer):
+    """index.json's tokenizer fingerprint is checked wherever training meets the shards: a given
+    tokenizer, a swapped tokenizer/ directory beside the shards, and the quickstart's val split."""
+    import shutil
+    from scratchlm.quickstart import val_documents
+    from scratchlm.train.objective import PretrainObjective
+    with pytest.raises(UserError, match="tokenized by another tokenizer"):
+        PretrainObjective(tiny_dataset, 32, tokenizer=small_tokenizer)
+    with pytest.raises(UserError, match="tokenized by another tokenizer"):
+        val_documents(tiny_dataset, small_tokenizer)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_dataset, swapped)
+    small_tokenizer.save(swapped / "tokenizer")
+    sets = [a for kv in SMALL + [f"run.out_dir={tmp_path}", "train.max_steps=1"] for a in ("--set", kv)]
+    r = cli("pretrain", "--config", "tiny", "--data", str(swapped), *sets)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "tokenized by another tokenizer" in r.stderr and not list(tmp_path.glob("*/checkpoints/*"))
+    assert PretrainObjective(tiny_dataset, 32).tokenizer.fingerprint != small_tokenizer.fingerprint  # its own is fine

@@ -102,7 +102,17 @@ def make_tokenizer(cfg: TokenizerConfig, texts: Iterator[str], log: Callable[[st
 
 def prepare(data: DataConfig, tokenizer: TokenizerConfig, out: str | Path, *, seed: int = 0,
             overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-    out = Path(out)
+    """Prepare `data.corpus` into `out` (written whole, or not at all). Memory does not grow with the
+    corpus: documents are streamed in pieces of at most `sources.PIECE_CHARS` characters."""
+    try:
+        return _prepare(data, tokenizer, Path(out), seed=seed, overwrite=overwrite, log=log)
+    except MemoryError:  # one line, not a traceback; staged_dir has removed the partial output
+        raise UserError(f"ran out of memory while preparing {data.corpus}; free memory, or cap the corpus "
+                        "with data.max_chars") from None
+
+
+def _prepare(data: DataConfig, tokenizer: TokenizerConfig, out: Path, *, seed: int, overwrite: bool,
+             log: Callable[[str], None]) -> dict:
     if (out / INDEX).exists() and not overwrite:
         raise UserError(f"{out} already holds a prepared dataset; pass --overwrite or choose another --out")
     if out.exists() and any(out.iterdir()) and not (out / INDEX).exists() and not overwrite:

@@ -3,11 +3,14 @@
 Supported: the built-in corpus, .txt/.md (one document per file), .jsonl/.json (a text field),
 .parquet (pyarrow), .gz/.zst compressed versions of those, directories and globs (recursively),
 http(s) URLs (downloaded to a cache, then read as a file), and Hugging Face `datasets` saved with
-`save_to_disk` (`hf:PATH`). Files are read one record at a time, so memory stays bounded.
+`save_to_disk` (`hf:PATH`). Files are read a record (or a megabyte) at a time, and a document
+longer than PIECE_CHARS (a whole book in one .txt, a huge JSON record) comes out as consecutive
+pieces cut at blank lines, so memory stays bounded however large a file is.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import gzip
 import hashlib
@@ -85,37 +88,144 @@ def _read_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+PIECE_CHARS = 1 << 20  # a longer document is cut into consecutive pieces of about this many characters
+READ_BYTES = 1 << 20   # files are read and decoded this much at a time
+_BOM, _FFFD = b"\xef\xbb\xbf", "\ufffd".encode()
+
+
+def cut_point(text: str, limit: int) -> int:
+    """Where a piece of `text` of at most `limit` characters should end: after the last blank line
+    in its second half, else the last line end, else the last space, else at `limit`."""
+    for sep in ("\n\n", "\n", " "):
+        i = text.rfind(sep, limit // 2, limit)
+        if i != -1:
+            return i + len(sep)
+    return limit
+
+
+def pieces(doc: Document) -> Iterator[Document]:
+    """A document, cut into pieces of at most PIECE_CHARS when it is longer (a huge JSON record, say),
+    so that no later stage (cleaning, dedup, encoding) ever holds more than a piece."""
+    text, start, k = doc.text, 0, 0
+    if len(text) <= PIECE_CHARS:
+        yield doc
+        return
+    while start < len(text):
+        cut = start + (cut_point(text[start:start + PIECE_CHARS], PIECE_CHARS) if len(text) - start > PIECE_CHARS
+                       else len(text) - start)
+        k += 1
+        yield Document(text[start:cut], f"{doc.source}#{k}", doc.bad_bytes if k == 1 else 0)
+        start = cut
+
+
+class _StreamDecoder:
+    """UTF-8 bytes -> text a chunk at a time (a character split between chunks is kept whole), with
+    undecodable bytes replaced by U+FFFD and counted (a U+FFFD already in the file is not ours)."""
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tail, self.bad, self.started = b"", 0, False
+
+    def decode(self, raw: bytes, final: bool = False) -> str:
+        if not self.started:  # drop a byte-order mark
+            raw, self.started = raw.removeprefix(_BOM), True
+        text = self.decoder.decode(raw, final=final)
+        self.bad += text.count("\ufffd") - (self.tail + raw).count(_FFFD)  # tail: one split across chunks
+        self.tail = raw[-2:]
+        return text
+
+    def take_bad(self) -> int:
+        bad, self.bad = self.bad, 0
+        return bad
+
+
 def read_text_file(path: Path) -> Iterator[Document]:
+    """A text file is one document; a file longer than PIECE_CHARS is consecutive pieces of it, cut
+    at blank lines where there are any (see `cut_point`). It is read a megabyte at a time, never
+    whole, so a file larger than memory streams. Newlines become \\n."""
+    dec, buf, held_cr, k = _StreamDecoder(), "", "", 0
     with _open_binary(path) as f:
-        raw = f.read()
-    text, bad = _decode(raw.removeprefix(b"\xef\xbb\xbf"))            # drop a byte-order mark
-    yield Document(text.replace("\r\n", "\n").replace("\r", "\n"), str(path), bad)
+        while True:
+            raw = f.read(READ_BYTES)
+            final = not raw
+            text = held_cr + dec.decode(raw, final)
+            held_cr = "\r" if text.endswith("\r") and not final else ""  # "\r" + "\n" may be split between reads
+            buf += (text[:-1] if held_cr else text).replace("\r\n", "\n").replace("\r", "\n")
+            while len(buf) > PIECE_CHARS:
+                cut = cut_point(buf, PIECE_CHARS)
+                k += 1
+                yield Document(buf[:cut], f"{path}#{k}", dec.take_bad())
+                buf = buf[cut:]
+            if final:
+                if buf or not k:  # an empty file is one (empty) document, which cleaning counts and drops
+                    yield Document(buf, f"{path}#{k + 1}" if k else str(path), dec.take_bad())
+                return
+
+
+def _json_array(f: IO[bytes], head: bytes, path: Path) -> Iterator[tuple[object, int]]:
+    """(record, undecodable bytes) for each element of a top-level JSON array, parsed one element at
+    a time from text decoded a megabyte at a time: only the record being parsed is in memory."""
+    dec, parser = _StreamDecoder(), json.JSONDecoder()
+    buf, eof = dec.decode(head), False
+    pos, n, want_value = buf.index("[") + 1, 0, True
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        raw = f.read(READ_BYTES)
+        eof = not raw
+        buf = buf[pos:] + dec.decode(raw, final=eof)
+        pos = 0
+        return True
+
+    while True:
+        while pos < len(buf) and buf[pos] in " \t\r\n":
+            pos += 1
+        if pos == len(buf):
+            if more():
+                continue
+            raise UserError(f"{path}: not valid JSON (the array is not closed: the file ends after record {n})")
+        if buf[pos] == "]" and (n == 0 or not want_value):
+            return
+        if not want_value:
+            if buf[pos] != ",":
+                raise UserError(f"{path}: not valid JSON (expected ',' or ']' after record {n}, found {buf[pos]!r})")
+            pos, want_value = pos + 1, True
+            continue
+        try:
+            rec, end = parser.raw_decode(buf, pos)
+        except json.JSONDecodeError as e:
+            cut_short = e.pos >= len(buf) - 8 or e.msg.startswith("Unterminated")
+            if cut_short and more():  # the record may continue past what has been read
+                continue
+            raise UserError(f"{path}: not valid JSON in record {n + 1} ({e.msg})") from None
+        if end == len(buf) and not eof and more():  # a number may continue past what has been read
+            continue
+        pos, n, want_value = end, n + 1, False
+        yield rec, dec.take_bad()
 
 
 def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Document]:
     """JSON Lines (one record per line; error messages give the true line number), or a .json file
-    holding one array of records."""
+    holding one array of records (streamed a record at a time)."""
     with _open_binary(path) as f:
-        lines = iter(f)
-        lineno, pending = 0, []
-        for raw in lines:  # find the first non-blank line: "[" means a JSON array
-            lineno += 1
-            if lineno == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            pending.append(raw)
-            if raw.strip():
+        # Look at the first non-blank byte without reading a line: a whole JSON array is often one line.
+        head = f.read(READ_BYTES).removeprefix(_BOM)
+        while head and not head.strip():
+            more = f.read(READ_BYTES)
+            if not more:
                 break
-        if pending and pending[-1].lstrip().startswith(b"["):
-            text, bad = _decode(b"".join(pending) + b"".join(lines))
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: not valid JSON ({e})") from None
-            for i, rec in enumerate(records):
-                doc = _record_text(rec, path, i + 1, opts, bad if i == 0 else 0)
+            head += more
+        if head.lstrip().startswith(b"["):
+            for i, (rec, bad) in enumerate(_json_array(f, head, path)):
+                doc = _record_text(rec, path, i + 1, opts, bad)
                 if doc is not None:
-                    yield doc
+                    yield from pieces(doc)
             return
+        lines = iter(f)
+        *pending, partial = head.split(b"\n")  # the head's whole lines, then the start of the next one
+        pending = [p + b"\n" for p in pending] + ([partial + next(lines, b"")] if partial else [])
         for lineno, raw in enumerate(itertools.chain(pending, lines), start=1):
             if not raw.strip():
                 continue
@@ -128,7 +238,7 @@ def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[Document]:
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix it or pass --on-bad-record skip") from None
             doc = _record_text(rec, path, lineno, opts, bad)
             if doc is not None:
-                yield doc
+                yield from pieces(doc)
 
 
 def _record_text(rec, path: Path, lineno: int, opts: ReadOptions, bad_bytes: int = 0) -> Document | None:
@@ -158,7 +268,7 @@ def read_parquet(path: Path, opts: ReadOptions) -> Iterator[Document]:
         for text in batch.column(0).to_pylist():
             row += 1
             if isinstance(text, str):
-                yield Document(text, f"{path}:{row}")
+                yield from pieces(Document(text, f"{path}:{row}"))
 
 
 def read_hf_dataset(spec: str, opts: ReadOptions) -> Iterator[Document]:
@@ -177,7 +287,7 @@ def read_hf_dataset(spec: str, opts: ReadOptions) -> Iterator[Document]:
     if opts.text_field not in ds.column_names:
         raise UserError(f"dataset {path} has no column {opts.text_field!r} (columns: {', '.join(ds.column_names)})")
     for i, rec in enumerate(ds):
-        yield Document(rec[opts.text_field], f"{path}:{i}")
+        yield from pieces(Document(rec[opts.text_field], f"{path}:{i}"))
 
 
 def download(url: str, cache_dir: str = "") -> Path:

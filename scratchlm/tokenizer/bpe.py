@@ -30,9 +30,12 @@ import json
 import multiprocessing as mp
 import os
 from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Literal, Mapping
 
+import numpy as np
 import regex
 
 from scratchlm.errors import UserError
@@ -137,14 +140,22 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Co
         for b in batches:
             absorb(_count_batch(b))
     else:
-        with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(num_workers) as pool:
+        # A process pool that notices a dead worker: multiprocessing.Pool waits forever for the task of
+        # a worker that died (killed, or out of memory while it unpickled its batch).
+        pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context("fork" if os.name == "posix" else "spawn"))
+        try:
             pending: deque = deque()
             for b in batches:
-                pending.append(pool.apply_async(_count_batch, (b,)))
+                pending.append(pool.submit(_count_batch, b))
                 if len(pending) >= 2 * num_workers:
-                    absorb(pending.popleft().get())
+                    absorb(pending.popleft().result())
             while pending:
-                absorb(pending.popleft().get())
+                absorb(pending.popleft().result())
+        except (BrokenProcessPool, MemoryError) as e:
+            raise UserError(f"a tokenizer training worker ran out of memory or died ({type(e).__name__}); "
+                            "free memory, or train with fewer workers") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     if covered < chars:
         raise UserError(f"the pre-tokenizer pattern skips {chars - covered:,} of {chars:,} characters "
                         f"({100 * (chars - covered) / chars:.2f}%, e.g. {lost!r}), which encoding would lose; "
@@ -298,6 +309,10 @@ class Tokenizer:
         )
         self._cache: dict[str, list[int]] = {}
         self._fast = None
+        # bytes each id stands for: encoding is lossless exactly when the ids' bytes add up to the text's
+        self._id_bytes = np.array([len(b) for b in self.vocab] + [0] * len(self.special_tokens), dtype=np.int64)
+        for s, i in self.special_tokens.items():
+            self._id_bytes[i] = len(s.encode("utf-8"))
 
     # --- training -----------------------------------------------------------------------------
     @classmethod
@@ -366,17 +381,33 @@ class Tokenizer:
             parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
         return [self.rank[p] for p in parts]
 
+    def _lossless(self, text: str, ids: list[int]) -> list[int]:
+        """Return `ids`, after checking that they spell every byte of `text` (already cleaned).
+
+        Training refuses a pattern that skips characters, but a loaded or imported tokenizer brings
+        its own pattern, and text it was never checked on: characters no alternative matches would
+        vanish from the ids without a trace. One length comparison per text catches it."""
+        n = len(text.encode("utf-8"))
+        got = int(self._id_bytes[np.asarray(ids, dtype=np.int64)].sum()) if ids else 0
+        if got != n:
+            raise UserError(f"this tokenizer's pre-tokenizer pattern skips {n - got:,} of {n:,} bytes "
+                            f"({100 * (n - got) / n:.2f}%) of the text, e.g. {_first_gap(self._compiled, text)!r}, "
+                            r"which encoding would silently drop; use a tokenizer whose pattern covers every "
+                            r"character (e.g. retrain with a pattern ending in |\s+|.)")
+        return ids
+
     def encode_ordinary_python(self, text: str) -> list[int]:
         """Pure-Python reference encoder; special-token strings are treated as plain text."""
+        text = _clean_text(text)
         ids: list[int] = []
-        for chunk in self._compiled.findall(_clean_text(text)):
+        for chunk in self._compiled.findall(text):
             cached = self._cache.get(chunk)
             if cached is None:
                 cached = self._encode_chunk(chunk.encode("utf-8"))
                 if len(self._cache) < 200_000:
                     self._cache[chunk] = cached
             ids.extend(cached)
-        return ids
+        return self._lossless(text, ids)
 
     def _split_specials(self, text: str, allowed_special, disallowed_special):
         """Yield (piece, special_id_or_None); raise on a disallowed special token."""
@@ -421,18 +452,21 @@ class Tokenizer:
         """Encode text to ids. A special-token string in the text raises unless allowed."""
         # Check specials ourselves so the error is our one-line message, not tiktoken's.
         next(iter(self._split_specials(text, allowed_special, disallowed_special)))
+        text = _clean_text(text)
         if allowed_special == "all" or allowed_special:
-            return self.fast.encode(_clean_text(text), allowed_special=allowed_special, disallowed_special=())
-        return self.fast.encode_ordinary(_clean_text(text))
+            return self._lossless(text, self.fast.encode(text, allowed_special=allowed_special, disallowed_special=()))
+        return self._lossless(text, self.fast.encode_ordinary(text))
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode treating special-token strings as plain text (what the data pipeline uses)."""
-        return self.fast.encode_ordinary(_clean_text(text))
+        text = _clean_text(text)
+        return self._lossless(text, self.fast.encode_ordinary(text))
 
     def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
         """Encode many documents in parallel (tiktoken's threads release the GIL)."""
-        return self.fast.encode_ordinary_batch([_clean_text(t) for t in texts],
-                                               num_threads=num_threads or (os.cpu_count() or 1))
+        texts = [_clean_text(t) for t in texts]
+        batch = self.fast.encode_ordinary_batch(texts, num_threads=num_threads or (os.cpu_count() or 1))
+        return [self._lossless(t, ids) for t, ids in zip(texts, batch)]
 
     # --- decoding -----------------------------------------------------------------------------
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

@@ -99,11 +99,13 @@ class PretrainObjective(Objective):
     """Next-token prediction on prepared shards: random non-overlapping windows, epoch by epoch."""
 
     def __init__(self, dataset_dir: str | Path, context_length: int, prompts: list[str] = (),
-                 eval_windows: int = 160, sample_tokens: int = 48):
+                 eval_windows: int = 160, sample_tokens: int = 48, tokenizer: Tokenizer | None = None):
         dataset_dir = Path(dataset_dir)
-        self.tokenizer = Tokenizer.load(dataset_dir / "tokenizer")
-        self.train_tokens = load_split(dataset_dir, "train")
-        self.val_tokens = load_split(dataset_dir, "val")
+        # The shards must have been made by this tokenizer (index.json's fingerprint): a given one, or the
+        # copy saved beside the shards, which an edited or swapped tokenizer/ directory would betray.
+        self.tokenizer = tokenizer or Tokenizer.load(dataset_dir / "tokenizer")
+        self.train_tokens = load_split(dataset_dir, "train", tokenizer=self.tokenizer)
+        self.val_tokens = load_split(dataset_dir, "val", tokenizer=self.tokenizer)
         self.T = context_length
         self.prompts, self.eval_windows, self.sample_tokens = list(prompts), eval_windows, sample_tokens
         if len(self.train_tokens) < self.T + 1:

@@ -26,12 +26,15 @@ def _lm_eval_hellaswag_process_docs():
 
 
 def unjoin_context(ctx: str) -> tuple[str, str]:
-    """The text form wrote ctx_a + " " + ctx_b; ctx_b is the lower-case start of a last sentence."""
+    """The text form wrote ctx_a + " " + ctx_b. Which part was ctx_b follows from where the item
+    comes from (rowanz/hellaswag data/README.md), not from letter case: an ActivityNet context ends
+    in an incomplete sentence, kept apart as ctx_b; a WikiHow context (its text starts with the
+    article's title, "How to ...") ends in a whole step and has no ctx_b. So WikiHow -> (ctx, "");
+    ActivityNet -> cut after the last sentence end, whatever follows it."""
+    if ctx.startswith("How to "):
+        return ctx, ""
     cut = max(ctx.rfind(end) for end in (". ", "! ", "? "))  # the last sentence end
-    head, sep, tail = (ctx[:cut + 1], " ", ctx[cut + 2:]) if cut >= 0 else (ctx, "", "")
-    if sep and tail[:1].isascii() and tail[:1].islower() and not any(c in tail for c in ".!?"):
-        return head, tail
-    return ctx, ""
+    return (ctx[:cut + 1], ctx[cut + 2:]) if cut >= 0 else ("", ctx)
 
 
 def hellaswag_text(dataset: datasets.Dataset) -> datasets.Dataset:
