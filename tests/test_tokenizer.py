@@ -243,3 +243,21 @@ def test_a_tokenizer_worker_that_dies_is_one_error_never_a_hang():
     assert r.returncode == 0 and len(lines) == 2, r.stderr[-2000:]
     assert "BrokenProcessPool" in lines[0] and "MemoryError" in lines[1]
     assert all("tokenizer training worker ran out of memory or died" in line for line in lines)
+
+
+def test_the_patterns_that_skip_the_coverage_check_cover_every_character():
+    """Encoding skips the lossless check for GPT-2's and GPT-4's patterns; that is only right if their
+    chunks spell every character of any text: random code points from every plane and category."""
+    import random
+
+    import regex
+
+    from scratchlm.tokenizer.bpe import COMPLETE_PATTERNS
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(0x0, 0x3000)] + [chr(rng.randrange(0x3000, 0x110000)) for _ in range(20000)]
+    alphabet = [c for c in alphabet if not 0xD800 <= ord(c) <= 0xDFFF]
+    for pattern in COMPLETE_PATTERNS:
+        compiled = regex.compile(pattern)
+        for _ in range(50):
+            text = "".join(rng.choice(alphabet) for _ in range(2000)) + rng.choice(["", " ", "\n", " \n\t "])
+            assert "".join(compiled.findall(text)) == text

@@ -48,6 +48,7 @@ GPT4_PATTERN = (
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+COMPLETE_PATTERNS = frozenset(PATTERNS.values())  # every character matches some alternative
 
 # Every run of scratchlm reserves these, so later stages (SFT chat format, padding) can rely on them.
 ENDOFTEXT = "<|endoftext|>"
@@ -386,7 +387,11 @@ class Tokenizer:
 
         Training refuses a pattern that skips characters, but a loaded or imported tokenizer brings
         its own pattern, and text it was never checked on: characters no alternative matches would
-        vanish from the ids without a trace. One length comparison per text catches it."""
+        vanish from the ids without a trace. One length comparison per text catches it. GPT-2's and
+        GPT-4's patterns cover every character by construction (letters, numbers, whitespace and
+        "anything else" each have an alternative), so their texts skip the check and its cost."""
+        if self.pattern in COMPLETE_PATTERNS:
+            return ids
         n = len(text.encode("utf-8"))
         got = int(self._id_bytes[np.asarray(ids, dtype=np.int64)].sum()) if ids else 0
         if got != n:
