@@ -818,3 +818,23 @@ def test_shards_of_another_tokenizer_refused_before_training(tmp_path, tiny_data
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "tokenized by another tokenizer" in r.stderr and not list(tmp_path.glob("*/checkpoints/*"))
     assert PretrainObjective(tiny_dataset, 32).tokenizer.fingerprint != small_tokenizer.fingerprint  # its own is fine
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(tmp_path, tiny_dataset, monkeypatch):
+    """A checkpoint written before model.qk_norm / train.optimizer existed names neither: it had the
+    defaults, so it resumes (and a differing value is still refused)."""
+    sets = SMALL + ["train.max_steps=3", "train.checkpoint_every=3", f"run.out_dir={tmp_path}", "run.name=r"]
+    pretrain(load_config("tiny", sets), tiny_dataset, quiet=True, log=lambda *_: None)
+    real = ckpt.read_state
+
+    def older(path):
+        state = real(path)
+        state["model"].pop("qk_norm")
+        state["config"]["train"].pop("optimizer")
+        return state
+    monkeypatch.setattr(ckpt, "read_state", older)
+    more = [s.replace("max_steps=3", "max_steps=5") for s in sets]
+    assert pretrain(load_config("tiny", more), tiny_dataset, resume=True, quiet=True, log=lambda *_: None).step == 5
+    with pytest.raises(UserError, match="model config changed \\(qk_norm\\)"):
+        pretrain(load_config("tiny", more + ["model.qk_norm=true"]), tiny_dataset, resume=True, quiet=True,
+                 log=lambda *_: None)
