@@ -19,6 +19,7 @@ from benchmarks.common import md_table
 from benchmarks.limits import measure
 from benchmarks.train_step import SHAPES, hf, ours
 from scratchlm.generate import SamplingConfig, generate_ids
+from scratchlm.model.packed import pack_linears
 from scratchlm.quantize import decode_bytes_per_token, quantize_int8
 
 NEW = 256
@@ -36,6 +37,9 @@ def _contenders(s: dict, prompt: torch.Tensor, workdir: Path) -> dict:
     m = ours(s).eval().to(torch.bfloat16)
     torch.manual_seed(0)
     q = quantize_int8(ours(s).eval().to(torch.bfloat16))
+    torch.manual_seed(0)
+    packed = ours(s).eval().to(torch.bfloat16)
+    pack_linears(packed)
     rows = prompt.tolist()
 
     def hf_gen(n: int) -> None:
@@ -46,8 +50,11 @@ def _contenders(s: dict, prompt: torch.Tensor, workdir: Path) -> dict:
         return lambda n: generate_ids(model, rows, SamplingConfig(max_new_tokens=n, temperature=0))
 
     gens = {"HF generate, bf16 weights": (hf_gen, decode_bytes_per_token(m)),
-            "ours, bf16 weights": (our_gen(m), decode_bytes_per_token(m)),
+            "ours, bf16 weights, plain F.linear": (our_gen(m), decode_bytes_per_token(m)),
+            "ours, bf16 weights, packed (--quantize bf16)": (our_gen(packed), decode_bytes_per_token(packed)),
             "ours, int8 weights (--quantize int8)": (our_gen(q), decode_bytes_per_token(q))}
+    if len(rows) > 1:  # the batched tables keep to the settings a user runs
+        del gens["ours, bf16 weights, plain F.linear"]
     if len(rows) == 1 and llamacpp.unavailable() is None:  # its Python API decodes one sequence
         gens.update(llamacpp.contenders(m, rows[0], torch.get_num_threads(), workdir))
     return gens
@@ -72,7 +79,8 @@ def run() -> str:
             "llama.cpp runs the same weights, exported with `scratchlm export --format gguf` (fp32) and converted "
             "by llama.cpp's own quantizer (`llama_model_quantize`) to bf16 and to q8_0 (its 8-bit format, 8.5 "
             "bits/weight), same thread count, default settings otherwise; batch 1 only (llama-cpp-python's "
-            "`Llama` decodes one sequence).\n\n"
+            "`Llama` decodes one sequence). 'packed': every Linear's weight reordered once into oneDNN's blocked "
+            "layout (scratchlm/model/packed.py; the same outputs, bit for bit, as plain F.linear, the row above it).\n\n"
             + md_table(["batch", "implementation", "tokens/s", "weight MB/step", "weights GB/s",
                         "of bandwidth", "vs HF bf16"], rows))
 
