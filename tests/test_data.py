@@ -356,3 +356,17 @@ def test_minhash_signatures_do_not_depend_on_chunking_or_threads(shared):
     ref = h.signatures(docs, chunk_rows=1 << 20, threads=1)
     for chunk_rows, threads in [(1024, 2), (7, 3), (64, 1), (1 << 16, 2)]:
         assert np.array_equal(h.signatures(docs, chunk_rows=chunk_rows, threads=threads), ref)
+
+
+def test_pipelined_batches_give_the_one_batch_result(shared, tmp_path):
+    """Signatures computed in the background while the next batch is shingled: any batch size,
+    in memory or spilled, gives the clusters and kept documents of one single batch."""
+    from scratchlm.data.dedup import deduplicate
+    text = (shared / "tinyshakespeare.txt").read_text()[:120_000]
+    docs = [text[i:i + 600] for i in range(0, len(text), 600)]
+    docs += [d.replace(" the ", " a ", 1) for d in docs[:40:3]] + ["", docs[5]]  # near and exact copies
+    ref = deduplicate(docs, threshold=0.7, batch=len(docs))
+    assert ref.near_dups >= 10 and ref.exact_dups == 1
+    for batch, spill in [(7, None), (64, tmp_path / "spill")]:
+        got = deduplicate(docs, threshold=0.7, batch=batch, spill_dir=spill)
+        assert got.keep == ref.keep and got.clusters == ref.clusters
