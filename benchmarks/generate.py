@@ -8,14 +8,18 @@ halves the bytes again. Alternating best-of rounds: a noisy neighbour slows ever
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks import llamacpp
 from benchmarks.common import md_table
 from benchmarks.limits import measure
 from benchmarks.train_step import SHAPES, hf, ours
 from scratchlm.generate import SamplingConfig, generate_ids
+from scratchlm.model.packed import pack_linears
 from scratchlm.quantize import decode_bytes_per_token, quantize_int8
 
 NEW = 256
@@ -28,11 +32,14 @@ def _tps(fn, batch: int) -> float:
     return batch * NEW / (time.perf_counter() - t)
 
 
-def _contenders(s: dict, prompt: torch.Tensor) -> dict:
+def _contenders(s: dict, prompt: torch.Tensor, workdir: Path) -> dict:
     r = hf(s).eval().to(torch.bfloat16)
     m = ours(s).eval().to(torch.bfloat16)
     torch.manual_seed(0)
     q = quantize_int8(ours(s).eval().to(torch.bfloat16))
+    torch.manual_seed(0)
+    packed = ours(s).eval().to(torch.bfloat16)
+    pack_linears(packed)
     rows = prompt.tolist()
 
     def hf_gen(n: int) -> None:
@@ -42,37 +49,55 @@ def _contenders(s: dict, prompt: torch.Tensor) -> dict:
     def our_gen(model):
         return lambda n: generate_ids(model, rows, SamplingConfig(max_new_tokens=n, temperature=0))
 
-    return {"HF generate, bf16 weights": (hf_gen, decode_bytes_per_token(m)),
-            "ours, bf16 weights": (our_gen(m), decode_bytes_per_token(m)),
+    gens = {"HF generate, bf16 weights": (hf_gen, decode_bytes_per_token(m)),
+            "ours, bf16 weights, plain F.linear": (our_gen(m), decode_bytes_per_token(m)),
+            "ours, bf16 weights, packed (--quantize bf16)": (our_gen(packed), decode_bytes_per_token(packed)),
             "ours, int8 weights (--quantize int8)": (our_gen(q), decode_bytes_per_token(q))}
+    if len(rows) > 1:  # the batched tables keep to the settings a user runs
+        del gens["ours, bf16 weights, plain F.linear"]
+    if len(rows) == 1 and llamacpp.unavailable() is None:  # its Python API decodes one sequence
+        gens.update(llamacpp.contenders(m, rows[0], torch.get_num_threads(), workdir))
+    return gens
 
 
 def run() -> str:
     lim = measure()
     s = dict(SHAPES["small"], ctx=512)
     rows = []
+    missing = llamacpp.unavailable()
+    if missing:
+        rows.append([1, "llama.cpp", "not run", "", "", "", missing])
     for batch, rounds in ROUNDS.items():
         prompt = torch.randint(0, s["vocab"], (batch, 32), generator=torch.Generator().manual_seed(0))
-        gens = _contenders(s, prompt)
-        for fn, _ in gens.values():
-            fn(8)  # warm-up
-        best = dict.fromkeys(gens, 0.0)
-        for _ in range(rounds):
-            for label, (fn, _) in gens.items():
-                best[label] = max(best[label], _tps(fn, batch))
-        peer = best["HF generate, bf16 weights"]
-        for label, (_, nbytes) in gens.items():
-            gbs = best[label] / batch * nbytes / 1e9  # each step reads the weights once for the whole batch
-            rows.append([batch, label, f"{best[label]:,.0f}", f"{nbytes / 1e6:.1f}", f"{gbs:.1f}",
-                         f"{gbs * 1e9 / lim.read_bytes_per_s * 100:.0f}%", f"{best[label] / peer:.2f}x"])
+        with tempfile.TemporaryDirectory() as workdir:
+            _bench(s, prompt, batch, rounds, Path(workdir), lim, rows)
+            llamacpp.close()
     return (f"### Generation: tokens/s, 'small' shape, 32-token prompts, {NEW} new tokens, greedy\n\n"
             f"Limit: memory read bandwidth {lim.read_bytes_per_s / 1e9:.1f} GB/s (see limits). Weight MB = bytes one "
             "decoding step reads (every Linear and norm, one embedding row); GB/s = that x steps/s. "
             f"Best of {ROUNDS[1]} (batch 1) or {ROUNDS[8]} (batched) alternating rounds. "
-            "llama.cpp (`llama-cpp-python`) is not in the table: it is not installed here and compiling it "
-            "(~3 min on both cores) was not run on the shared machine.\n\n"
+            "llama.cpp runs the same weights, exported with `scratchlm export --format gguf` (fp32) and converted "
+            "by llama.cpp's own quantizer (`llama_model_quantize`) to bf16 and to q8_0 (its 8-bit format, 8.5 "
+            "bits/weight), same thread count, default settings otherwise; batch 1 only (llama-cpp-python's "
+            "`Llama` decodes one sequence). 'packed': every Linear's weight reordered once into oneDNN's blocked "
+            "layout (scratchlm/model/packed.py; the same outputs, bit for bit, as plain F.linear, the row above it).\n\n"
             + md_table(["batch", "implementation", "tokens/s", "weight MB/step", "weights GB/s",
                         "of bandwidth", "vs HF bf16"], rows))
+
+
+def _bench(s: dict, prompt: torch.Tensor, batch: int, rounds: int, workdir: Path, lim, rows: list) -> None:
+    gens = _contenders(s, prompt, workdir)
+    for fn, _ in gens.values():
+        fn(8)  # warm-up
+    best = dict.fromkeys(gens, 0.0)
+    for _ in range(rounds):
+        for label, (fn, _) in gens.items():
+            best[label] = max(best[label], _tps(fn, batch))
+    peer = best["HF generate, bf16 weights"]
+    for label, (_, nbytes) in gens.items():
+        gbs = best[label] / batch * nbytes / 1e9  # each step reads the weights once for the whole batch
+        rows.append([batch, label, f"{best[label]:,.0f}", f"{nbytes / 1e6:.1f}", f"{gbs:.1f}",
+                     f"{gbs * 1e9 / lim.read_bytes_per_s * 100:.0f}%", f"{best[label] / peer:.2f}x"])
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import md_table
+from scratchlm.model.packed import PackedLinear, can_pack
 
 
 @dataclass
 class Limits:
     read_bytes_per_s: float      # torch.sum over 256 MB of fp32
     gemv_bf16_bytes_per_s: float  # weights read per second by a bf16 (4096 x 16384) matrix-vector product
+    gemv_packed_bytes_per_s: float  # the same product with the matrix in oneDNN's packed layout
     bf16_flops: float
     fp32_flops: float
 
@@ -52,9 +54,14 @@ def read_bandwidth(mb: int = 256, rounds: int = 5) -> float:
     return x.numel() * 4 / _best_seconds(lambda: x.sum(), rounds)
 
 
-def gemv_bandwidth(rounds: int = 5) -> float:
+def gemv_bandwidth(rounds: int = 5, packed: bool = False) -> float:
     w = torch.randn(16384, 4096, dtype=torch.bfloat16)  # 128 MB: far past the 32 MB L3
     v = torch.randn(1, 4096, dtype=torch.bfloat16)
+    if packed:
+        if not can_pack(w):
+            return float("nan")
+        layer = PackedLinear(torch.nn.Linear(4096, 16384, bias=False, dtype=torch.bfloat16))
+        return w.numel() * 2 / _best_seconds(lambda: layer(v), rounds)
     return w.numel() * 2 / _best_seconds(lambda: torch.nn.functional.linear(v, w), rounds)
 
 
@@ -69,7 +76,7 @@ def matmul_peak(dtype: torch.dtype, rounds: int = 3) -> float:
 def measure() -> Limits:
     global _cached
     if _cached is None:
-        _cached = Limits(read_bandwidth(), gemv_bandwidth(), matmul_peak(torch.bfloat16), matmul_peak(torch.float32))
+        _cached = Limits(read_bandwidth(), gemv_bandwidth(), gemv_bandwidth(packed=True), matmul_peak(torch.bfloat16), matmul_peak(torch.float32))
     return _cached
 
 
@@ -79,6 +86,8 @@ def run() -> str:
              "decode at batch 1 (weight bytes x tokens/s)"],
             ["bf16 GEMV weight read (16384 x 4096)", f"{lim.gemv_bf16_bytes_per_s / 1e9:.1f} GB/s",
              "what one torch bf16 matrix-vector product reaches"],
+            ["bf16 GEMV, matrix in oneDNN's packed layout", f"{lim.gemv_packed_bytes_per_s / 1e9:.1f} GB/s",
+             "the same product as our `--quantize bf16` decoding runs it"],
             ["bf16 matmul peak (best of 1024^3, 2048^3)", f"{lim.bf16_flops / 1e9:,.0f} GFLOP/s", "bf16 training (MFU)"],
             ["fp32 matmul peak (best of 1024^3, 2048^3)", f"{lim.fp32_flops / 1e9:,.0f} GFLOP/s", "fp32 training (MFU)"]]
     return (f"### This machine's limits ({torch.get_num_threads()} threads)\n\n"

@@ -45,8 +45,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     if vocab_size is not None and vocab_size < logits.size(-1):  # padded output ids decode to nothing
         logits = logits.clone()
         logits[:, vocab_size:] = float("-inf")
-    if cfg.temperature <= 0:
-        return logits.argmax(dim=-1)
+    if cfg.temperature <= 0:  # (fp32 holds every bf16 value exactly, and its argmax is ~3x faster on a CPU)
+        return logits.float().argmax(dim=-1)
     logits = logits.float() / cfg.temperature
     if cfg.top_k > 0:
         kth = torch.topk(logits, min(cfg.top_k, logits.size(-1)), dim=-1).values[:, -1:]

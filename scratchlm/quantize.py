@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scratchlm.errors import UserError
+from scratchlm.model.packed import PackedLinear
 
 _KERNEL = hasattr(torch, "_weight_int8pack_mm")
 
@@ -87,6 +88,8 @@ def decode_bytes_per_token(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             total += m.weight[0].numel() * m.weight.element_size()
+        elif isinstance(m, PackedLinear):
+            total += m.weight_bytes() + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
         elif isinstance(m, (nn.Linear, Int8Linear)) or m.__class__.__name__ in ("LayerNorm", "RMSNorm"):
             tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
             total += sum(t.numel() * t.element_size() for t in tensors)

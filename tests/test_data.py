@@ -455,3 +455,17 @@ def test_json_array_and_text_files_stream_in_pieces(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"c.jsonl:4: malformed"):
         list(iter_documents(str(tmp_path / "c.jsonl")))
     assert list(iter_documents(str(tmp_path / "c.jsonl"), ReadOptions(on_bad_record="skip")))[1].text == "x" * 30
+
+
+def test_pipelined_batches_give_the_one_batch_result(shared, tmp_path):
+    """Signatures computed in the background while the next batch is shingled: any batch size,
+    in memory or spilled, gives the clusters and kept documents of one single batch."""
+    from scratchlm.data.dedup import deduplicate
+    text = (shared / "tinyshakespeare.txt").read_text()[:120_000]
+    docs = [text[i:i + 600] for i in range(0, len(text), 600)]
+    docs += [d.replace(" the ", " a ", 1) for d in docs[:40:3]] + ["", docs[5]]  # near and exact copies
+    ref = deduplicate(docs, threshold=0.7, batch=len(docs))
+    assert ref.near_dups >= 10 and ref.exact_dups == 1
+    for batch, spill in [(7, None), (64, tmp_path / "spill")]:
+        got = deduplicate(docs, threshold=0.7, batch=batch, spill_dir=spill)
+        assert got.keep == ref.keep and got.clusters == ref.clusters

@@ -74,3 +74,12 @@ def test_fast_decode_is_greedy_full_forward(dtype, quantized):
         out = generate_ids(model, batch, SamplingConfig(max_new_tokens=60, temperature=0))  # slides the window
         ref = generate_ids(model, batch, SamplingConfig(max_new_tokens=60, temperature=0, use_cache=False))
         assert out == ref
+
+
+def test_cli_bf16_generates_what_the_bf16_model_does(trained_run, capsys):
+    from scratchlm.generate import generate
+    model, tok, _ = load_for_inference(trained_run, device="cpu")
+    want = generate(model.to(torch.bfloat16), tok, "ROMEO:", SamplingConfig(max_new_tokens=24, temperature=0))
+    assert main(["generate", "--ckpt", str(trained_run), "--prompt", "ROMEO:", "--max-new-tokens", "24",
+                 "--greedy", "--quantize", "bf16", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + want[0] + "\n"

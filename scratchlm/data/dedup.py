@@ -135,9 +135,12 @@ class MinHasher:
         thread (NumPy releases the GIL in these loops); minima are exact, so the result does not
         depend on the chunking or the threads.
         """
-        grams, sizes = self.shingle_hashes(texts)
-        sig = np.full((len(texts), self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-        doc_of = np.repeat(np.arange(len(texts)), sizes)
+        return self.minhash(*self.shingle_hashes(texts), chunk_rows=chunk_rows, threads=threads)
+
+    def minhash(self, grams: np.ndarray, sizes: np.ndarray, chunk_rows: int = 1024, threads: int = 0) -> np.ndarray:
+        """The signatures of documents given as shingle_hashes returns them (see `signatures`)."""
+        sig = np.full((len(sizes), self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+        doc_of = np.repeat(np.arange(len(sizes)), sizes)
         threads = threads or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
         # Cut the shingles at document boundaries into one range per thread: no two threads touch one row.
         ends = np.cumsum(sizes)
@@ -211,6 +214,11 @@ class Deduplicator:
     Only 20 bytes (exact key) and one signature row (`num_perm` x 4 bytes) per document are kept,
     never the texts, so a corpus larger than memory can be deduplicated. `spill_dir` keeps the
     signatures in a file instead of memory.
+
+    A batch's signatures are computed in a background thread while the caller's thread reads and
+    shingles the next batch: shingling is Python (regex, crc32) and holds the GIL, the MinHash
+    arithmetic is NumPy and releases it, so the two overlap on two cores. Results are collected in
+    batch order, so nothing depends on the timing.
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, bands: int = 0,
@@ -225,6 +233,8 @@ class Deduplicator:
         self._live: list[int] = []      # documents that take part in near-dedup (not exact dups, have words)
         self._sigs: list[np.ndarray] = []
         self._spill = None
+        self._pool = ThreadPoolExecutor(1) if near else None
+        self._pending = None  # (first document id, the batch's fresh positions, signature future)
         if spill_dir:
             Path(spill_dir).mkdir(parents=True, exist_ok=True)
             self._spill_path = Path(spill_dir) / "signatures.u32"
@@ -247,7 +257,13 @@ class Deduplicator:
                 fresh.append(i)
         if not self.near or not fresh:
             return
-        sig = self.hasher.signatures([texts[i] for i in fresh])
+        grams, sizes = self.hasher.shingle_hashes([texts[i] for i in fresh])
+        previous, self._pending = self._pending, (base, fresh, self._pool.submit(self.hasher.minhash, grams, sizes))
+        if previous is not None:
+            self._collect(*previous)
+
+    def _collect(self, base: int, fresh: list[int], future) -> None:
+        sig = future.result()
         # A document with no words has no shingles, hence no signature: it cannot be a *near*
         # duplicate of anything (equal empty signatures would put all such documents in one cluster).
         has_words = (sig != np.iinfo(np.uint32).max).any(axis=1)
@@ -260,6 +276,11 @@ class Deduplicator:
 
     def finish(self) -> "DedupResult":
         result = DedupResult(keep=self.keep, exact_dups=self.exact_dups)
+        if self._pending is not None:
+            self._collect(*self._pending)
+            self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown()
         if self._spill is not None:
             self._spill.close()
             sig = (np.memmap(self._spill_path, dtype=np.uint32, mode="r").reshape(-1, self.num_perm)

@@ -123,18 +123,25 @@ def _add_tokenizer(writer, gguf, tok: Tokenizer, vocab_size: int, template) -> N
 
 def export_gguf(ckpt: str | Path, out: str | Path, template: str | None = None) -> Path:
     """Write FILE.gguf (fp32) that llama.cpp loads, tokenizer included (a LoRA run: adapters merged)."""
-    gguf = _import_gguf()
+    _import_gguf()
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new --out file")
     if out.suffix != ".gguf":
         raise UserError(f"--out {out} should end in .gguf")
     model, tok, meta = load_for_export(ckpt)
-    cfg = model.cfg
-    arch = hf_layout(cfg)
     tmpl = template_for(meta["state"], template)
     if tmpl is not None and any(s not in tok.special_tokens for s in tmpl.special_tokens):
         raise UserError(f"the {tmpl.name} template needs special tokens this tokenizer lacks; use another template")
+    return write_gguf(model, tok, out, Path(meta["path"]).parent.parent.name, tmpl)
+
+
+def write_gguf(model, tok: Tokenizer, out: str | Path, name: str, template=None) -> Path:
+    """Write `model` (a GPT, any dtype: stored as fp32) and `tok` to the GGUF file `out`, atomically."""
+    gguf = _import_gguf()
+    out = Path(out)
+    cfg = model.cfg
+    arch = hf_layout(cfg)
     tensors = gguf_tensors(cfg, model.state_dict())
 
     try:
@@ -145,7 +152,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, template: str | None = None) 
         raise UserError(f"cannot write {out} ({e.strerror or e}); choose a writable --out") from None
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(Path(meta["path"]).parent.parent.name)
+        writer.add_name(name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         writer.add_context_length(cfg.context_length)
         writer.add_embedding_length(cfg.d_model)
@@ -160,9 +167,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, template: str | None = None) 
             writer.add_layer_norm_rms_eps(NORM_EPS)
             writer.add_rope_freq_base(cfg.rope_theta)
             writer.add_rope_dimension_count(cfg.head_dim)
-        _add_tokenizer(writer, gguf, tok, cfg.vocab_size, tmpl)
-        for name, t in tensors.items():
-            writer.add_tensor(name, t.numpy().astype(np.float32))
+        _add_tokenizer(writer, gguf, tok, cfg.vocab_size, template)
+        for tname, t in tensors.items():
+            writer.add_tensor(tname, t.numpy().astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
