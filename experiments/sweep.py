@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--grid", default="", help='space-separated "section.key=v1,v2" axes')
     p.add_argument("--set", action="append", default=[], help="fixed override for every run")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--recipe", action="store_true",
+                   help="let the quickstart choose its settings for the budget (default: --fixed, the preset + --set)")
     p.add_argument("--tag", default="", help="label stored with each result")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--results", default="experiments/results/sweep.jsonl")
@@ -68,7 +70,7 @@ def main() -> None:
     for minutes, settings, rep in itertools.product(a.minutes, grid(a.grid), range(a.repeats)):
         overrides = a.set + settings
         # one prepared dataset per tokenizer setting, shared by every run that uses it
-        tok = [s for s in overrides if s.startswith("tokenizer.")]
+        tok = [s for s in overrides if s.startswith("tokenizer.")] + (["recipe"] if a.recipe else [])
         data_dir = out / ("data_" + Path(a.corpus).stem + "_" + slug(tok))
         name = f"{Path(a.corpus).stem}_{minutes:g}m_{slug(overrides)}_r{rep}"
         run_dir = out / name
@@ -76,13 +78,13 @@ def main() -> None:
             print(f"skip {name} (done)")
             continue
         t0 = time.time()
-        cmd = exe + ["quickstart", "--corpus", a.corpus, "--minutes", f"{minutes:g}", "--out", str(run_dir), "--fixed",
-                     "--set", f"data.dataset_dir={data_dir}"]
+        cmd = exe + ["quickstart", "--corpus", a.corpus, "--minutes", f"{minutes:g}", "--out", str(run_dir),
+                     "--set", f"data.dataset_dir={data_dir}"] + ([] if a.recipe else ["--fixed"])
         for s in overrides:
             cmd += ["--set", s]
         run(cmd, out / f"{name}.log")
         res = json.loads((run_dir / "results.json").read_text())
-        row = {"tag": a.tag, "corpus": Path(a.corpus).name, "minutes": minutes, "settings": overrides, "repeat": rep,
+        row = {"tag": a.tag, "recipe": res.get("settings_chosen") if a.recipe else None, "corpus": Path(a.corpus).name, "minutes": minutes, "settings": overrides, "repeat": rep,
                "steps": res["train"]["steps"], "tokens": res["train"]["tokens"],
                "tokens_per_s": round(res["train"]["tokens_per_s"]), "val_bpb": round(res["val"]["bits_per_byte"], 4),
                "wall_s": round(time.time() - t0, 1)}

@@ -31,13 +31,13 @@ import torch
 # The sweep's machine: its bf16 1024x1024 matmul speed, measured by `matmul_speed` (2 cores, AVX-512).
 REFERENCE_FLOPS = 4.0e11
 
-# Model shapes, smallest first. Each is the sweep's best for budgets from `minutes` up (reference
-# minutes on the sweep's machine). RoPE + RMSNorm + SwiGLU come from the preset (see the ablations).
+# Model shapes, smallest first, each used from `minutes` reference minutes up. The sweep measured
+# 1, 3 and 10 minutes; each boundary sits between two measured budgets (near their geometric mean),
+# so a speed measurement that is off by 30% does not flip the choice at a measured budget.
 SIZES: list[tuple[float, dict]] = [
-    (0.0, {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384}),
-    (2.0, {"d_model": 192, "n_layers": 4, "n_heads": 6, "d_ff": 512}),
-    (6.0, {"d_model": 256, "n_layers": 6, "n_heads": 8, "d_ff": 704}),
-    (20.0, {"d_model": 384, "n_layers": 6, "n_heads": 6, "d_ff": 1024}),
+    (0.0, {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384}),     # 1.0M params with 1,024 tokens
+    (5.5, {"d_model": 192, "n_layers": 4, "n_heads": 6, "d_ff": 512}),     # 2.0M
+    (17.0, {"d_model": 256, "n_layers": 6, "n_heads": 8, "d_ff": 704}),    # 5.1M
 ]
 
 
@@ -81,8 +81,8 @@ def choose(minutes: float, corpus_bytes: int | None, flops: float) -> dict[str, 
     """Settings ("section.key" -> value) for a budget of `minutes` on a machine doing `flops` bf16
     FLOP/s, for a corpus of `corpus_bytes` (None: unknown).
 
-    >>> choose(3, 1_000_000, REFERENCE_FLOPS)["model.d_model"], choose(30, 1_000_000, REFERENCE_FLOPS)["model.d_model"]
-    (192, 384)
+    >>> choose(3, 1_000_000, REFERENCE_FLOPS)["model.d_model"], choose(10, 1_000_000, REFERENCE_FLOPS)["model.d_model"]
+    (128, 192)
     """
     reference_minutes = minutes * flops / REFERENCE_FLOPS
     settings: dict[str, object] = {f"model.{k}": v for k, v in size_for(reference_minutes).items()}
