@@ -84,6 +84,7 @@ def _count_batch(args: tuple[list[str], str]) -> tuple[Counter, int, int, str]:
     and the first piece of text the pattern skips (empty if none)."""
     texts, pattern = args
     compiled = regex.compile(pattern)
+    complete = pattern in COMPLETE_PATTERNS  # covers every character: no need to add up the chunks
     counts: Counter = Counter()
     total = covered = 0
     lost = ""
@@ -91,7 +92,7 @@ def _count_batch(args: tuple[list[str], str]) -> tuple[Counter, int, int, str]:
         text = _clean_text(text)
         chunks = compiled.findall(text)
         counts.update(chunks)
-        n = sum(map(len, chunks))
+        n = len(text) if complete else sum(map(len, chunks))
         total += len(text)
         covered += n
         if n < len(text) and not lost:
@@ -152,7 +153,7 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Co
     """Count each distinct pre-token chunk once. Streams: memory grows with distinct chunks only
     (at most two batches per worker are in flight). Refuses a pattern that skips characters: they
     would silently vanish from every encoded text."""
-    batches = ((b, pattern) for b in batched(pieces(texts, pattern), PIECE_CHARS))
+    batches = ((b, pattern) for b in batched(pieces(texts, pattern, PIECE_CHARS), PIECE_CHARS))
     total: Counter = Counter()
     chars = covered = 0
     lost = ""
@@ -245,6 +246,7 @@ def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]
     known = set(vocab_bytes)
     merges: list[tuple[int, int]] = []
     banned: set[int] = set()
+    where_get = where.get
 
     while len(merges) < num_merges and heap:
         entry = heapq.heappop(heap)
@@ -265,7 +267,9 @@ def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]
         known.add(new_bytes)
         merges.append((a, b))
 
-        created: set[int] = set()
+        # Every pair made here contains new_id, so it is new: its first occurrence creates its
+        # word set and marks it for the heap (no separate "created" set to fill per occurrence).
+        created: list[int] = []
         new_left, new_right = new_id * M, new_id  # keys (x, new_id) = x*M + new_id; (new_id, y) = new_id*M + y
         for wi in where.pop(key, ()):
             # Merge in place, left to right, adjusting only the pairs around each occurrence.
@@ -281,15 +285,23 @@ def learn_merges(chunk_counts: Counter, num_merges: int) -> list[tuple[int, int]
                         pair_counts[left * M + a] -= f
                         p = left * M + new_right
                         pair_counts[p] += f
-                        where[p].add(wi)
-                        created.add(p)
+                        s = where_get(p)
+                        if s is None:
+                            where[p] = {wi}
+                            created.append(p)
+                        else:
+                            s.add(wi)
                     if i < n - 1:
                         right = word[i + 2]
                         pair_counts[b * M + right] -= f
                         p = new_left + right
                         pair_counts[p] += f
-                        where[p].add(wi)
-                        created.add(p)
+                        s = where_get(p)
+                        if s is None:
+                            where[p] = {wi}
+                            created.append(p)
+                        else:
+                            s.add(wi)
                     word[i:i + 2] = [new_id]
                     n -= 1
                 i += 1
