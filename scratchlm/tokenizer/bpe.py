@@ -123,7 +123,7 @@ def batched(items: Iterable, limit: int, size: Callable[[object], int] = len) ->
         yield batch
 
 
-PIECE_CHARS = 1 << 18  # counting work is handed out in pieces of about this many characters
+PIECE_CHARS = 1 << 19  # counting work is handed out in pieces of about this many characters
 # A place where GPT-2's and GPT-4's patterns always end a chunk: a lone newline after a visible
 # character, before a letter. Nothing matched before it can reach past the newline (no alternative
 # takes a newline and then a letter; the only whitespace run there is the newline itself, and it is
