@@ -536,8 +536,11 @@ class Tokenizer:
             except UnicodeEncodeError:  # lone surrogates: the same repair as every other path
                 return fast.encode_to_numpy(_clean_text(text), disallowed_special=())
 
+        # Texts go to the threads 32 at a time: one task per text costs a future and a queue hand-off
+        # under the GIL, which shows next to ~0.3 ms of encoding per 4 KB text.
+        groups = [texts[i:i + 32] for i in range(0, len(texts), 32)]
         with ThreadPoolExecutor(num_threads or (os.cpu_count() or 1)) as pool:
-            batch = list(pool.map(one, texts))
+            batch = [ids for group in pool.map(lambda g: [one(t) for t in g], groups) for ids in group]
         if self.pattern not in COMPLETE_PATTERNS:
             for t, ids in zip(texts, batch):
                 self._lossless(_clean_text(t), ids)
