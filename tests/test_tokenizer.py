@@ -69,6 +69,24 @@ def test_training_is_deterministic_and_parallel_counting_agrees(shared):
     assert a.merges == b.merges and a.fingerprint == b.fingerprint
 
 
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_counting_pieces_add_up_to_the_whole_text(shared, pattern):
+    """Long texts are cut into pieces for the counting workers; for the built-in patterns the cut
+    points must be chunk boundaries, so the counts are exactly the whole text's."""
+    import regex
+    from scratchlm.tokenizer.bpe import PATTERNS, pieces
+    pat = PATTERNS[pattern]
+    text = "\n".join(TRICKY) + "x\nY\n\nZ \nW.\nV\r\nU\n" + (shared / "tinyshakespeare.txt").read_text()[:100_000] \
+        + (shared / "wikitext2_valid.txt").read_text()[:100_000]
+    cut = list(pieces([text], pat, 500))
+    assert "".join(cut) == text and len(cut) > 50
+    whole, parts = Counter(regex.findall(pat, text)), Counter()
+    for piece in cut:
+        parts.update(regex.findall(pat, piece))
+    assert parts == whole
+    assert list(pieces([text], r"\S+|\s+", 500)) == [text]  # a custom pattern: never cut
+
+
 @pytest.mark.parametrize("text", TRICKY)
 def test_roundtrip_any_string(small_tokenizer, text):
     ids = small_tokenizer.encode(text, disallowed_special=())
@@ -95,6 +113,16 @@ def test_reference_and_tiktoken_paths_agree(small_tokenizer, shared):
     for t in texts:
         assert small_tokenizer.encode_python(t, allowed_special="all") == \
             small_tokenizer.encode(t, allowed_special="all")
+
+
+def test_batch_encoders_give_the_ordinary_ids(small_tokenizer, shared):
+    """encode_batch and encode_batch_arrays skip per-text work for GPT-4's pattern and hand the
+    text to tiktoken directly; the ids must still be encode_ordinary's, lone surrogates included."""
+    texts = TRICKY + ["lone \ud800 surrogate \udfff", (shared / "wikitext2_valid.txt").read_text()[:50_000]]
+    want = [small_tokenizer.encode_ordinary_python(t) for t in texts]
+    assert small_tokenizer.encode_batch(texts) == want
+    arrays = small_tokenizer.encode_batch_arrays(texts)
+    assert all(a.dtype.name == "uint32" for a in arrays) and [a.tolist() for a in arrays] == want
 
 
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
@@ -202,7 +230,8 @@ def test_loaded_tokenizer_whose_pattern_skips_characters_refuses_to_encode(tmp_p
     lossy.save(tmp_path)
     tok = Tokenizer.load(tmp_path)
     assert tok.decode(tok.fast.encode_ordinary("Hello, world!")) == "Hello world"  # what tiktoken alone gives
-    for encode in (tok.encode, tok.encode_ordinary, tok.encode_python, lambda t: tok.encode_batch(["ok", t])):
+    for encode in (tok.encode, tok.encode_ordinary, tok.encode_python, lambda t: tok.encode_batch(["ok", t]),
+                   lambda t: tok.encode_batch_arrays(["ok", t])):
         with pytest.raises(UserError, match=r"skips 2 of 13 bytes \(15\.38%\).*','"):
             encode("Hello, world!")
     with pytest.raises(UserError, match="skips 1 of"):
