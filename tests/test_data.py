@@ -205,6 +205,24 @@ def test_one_file_without_blank_lines_gets_a_validation_split(tmp_path, shared):
     assert not (tmp_path / "o2").exists()
 
 
+def test_val_gets_its_share_of_the_text_when_documents_differ_in_size(tmp_path, shared):
+    """One long document and 20 short notes: a split by document count can give val only notes
+    (a fraction of a percent of the text). Val must hold about val_fraction of the text."""
+    book = (shared / "tinyshakespeare.txt").read_text()[:200_000]
+    notes = [f"Note {i}: remember to buy {i} apples and {i + 3} pears on the way home." for i in range(20)]
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        for text in [book] + notes:
+            f.write(json.dumps({"text": text}) + "\n")
+    logs = []
+    s = prepare(DataConfig(corpus=str(tmp_path / "mixed.jsonl")), TokenizerConfig(vocab_size=300), tmp_path / "o",
+                log=logs.append)
+    share = s["val_tokens"] / (s["val_tokens"] + s["train_tokens"])
+    assert 0.025 < share < 0.1, (share, s)
+    assert s["split_by"] == "span" and any("of the characters" in line for line in logs), logs
+    train, val = split_documents([book] + notes, 0.05, seed=0)  # the in-memory split agrees
+    assert 0.025 < sum(map(len, val)) / (len(book) + sum(map(len, notes))) < 0.1
+
+
 def test_split_documents_spans_concatenate_back(shared):
     text = (shared / "the-verdict.txt").read_text()
     train, val = split_documents([text], 0.1, seed=0)
