@@ -420,6 +420,18 @@ def test_decontamination_reads_every_eval_file_or_refuses(tmp_path, shared):
     assert rep.flagged == [1]
 
 
+def test_unusable_eval_file_fails_before_the_corpus_is_read(tmp_path, monkeypatch):
+    import scratchlm.data.prepare as P
+    (tmp_path / "c.txt").write_text("Some text to prepare.\n" * 100)
+    (tmp_path / "other.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    read = []
+    monkeypatch.setattr(P, "iter_documents", lambda *a: read.append(1) or iter_documents(*a))
+    with pytest.raises(UserError, match="not a recognised eval file"):
+        prepare(DataConfig(corpus=str(tmp_path / "c.txt"), decontaminate=[str(tmp_path / "other.jsonl")]),
+                TokenizerConfig(vocab_size=300), tmp_path / "o", log=quiet)
+    assert not read and not (tmp_path / "o").exists()
+
+
 def test_prepare_decontaminates_while_streaming(tmp_path, shared):
     from scratchlm.eval.tasks import load_arc
     arc = shared / "arc" / "arc_easy_validation.jsonl"

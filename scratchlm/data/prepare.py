@@ -173,6 +173,12 @@ def _prepare(data: DataConfig, tokenizer: TokenizerConfig, out: Path, *, seed: i
             if (data.max_docs and n >= data.max_docs) or (data.max_chars and chars >= data.max_chars):
                 return
 
+    contam = None
+    if data.decontaminate:  # an unusable eval file fails now, not after a pass over the corpus
+        from scratchlm.data.decontam import Decontaminator, load_eval_texts
+        contam = Decontaminator(load_eval_texts(data.decontaminate))
+        report = contam.new_report()
+
     with staged_dir(out, replace=overwrite) as tmp:
         # 1. read + clean + deduplicate: per document, an exact-match hash and a MinHash signature
         cstats = CleanStats()
@@ -200,12 +206,7 @@ def _prepare(data: DataConfig, tokenizer: TokenizerConfig, out: Path, *, seed: i
             log(f"dedup: {res.exact_dups} exact and {res.near_dups} near duplicates removed "
                 f"({len(res.clusters)} near-dup clusters), {sum(keep)} documents left")
 
-        # 2. decontaminate and place each unit (a document, or a span of a few-document corpus)
-        contam = None
-        if data.decontaminate:
-            from scratchlm.data.decontam import Decontaminator, load_eval_texts
-            contam = Decontaminator(load_eval_texts(data.decontaminate))
-            report = contam.new_report()
+        # 2. decontaminate (the eval sets were loaded first) and place each unit (a document, or a span of a few-document corpus)
         n_kept = sum(keep)
         by_span = n_kept < MIN_DOCS_FOR_DOCUMENT_SPLIT
         span_chars = max(sum(n for n, k in zip(lengths, keep) if k) // SPANS_PER_CORPUS, 200) if by_span else 0
