@@ -308,7 +308,7 @@ def test_prepare_and_loader_memory_does_not_grow_with_the_corpus(tmp_path, share
 
 
 CAPPED_PREPARE = r"""
-import json, resource, sys
+import json, os, resource, sys
 import scratchlm.data.prepare as P, scratchlm.data.sources as S
 from scratchlm.config import DataConfig, TokenizerConfig
 from scratchlm.data.sources import iter_documents
@@ -316,9 +316,9 @@ from scratchlm.errors import UserError
 # Smaller pieces and batches than the defaults, so that a corpus of tens of MB outgrows the cap.
 S.PIECE_CHARS = S.READ_BYTES = P.BATCH_CHARS = 1 << 18
 
-def vm_peak():
+def vm(field="VmPeak"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmPeak:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
 def run(corpus, out):
@@ -327,15 +327,17 @@ def run(corpus, out):
 
 small, big, big_json, out, margin = sys.argv[1:6]
 run(small, out + "-warm")  # imports, malloc arenas, tiktoken's threads, the tokenizer's worker pool
-cap = vm_peak() + int(margin)  # address space: everything so far, and `margin` more
+cap = vm() + int(margin)  # address space: everything so far, and `margin` more
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+headroom = cap - vm("VmSize")  # what prepare may still map: less than either corpus, or this tests nothing
+assert headroom < min(os.path.getsize(big), os.path.getsize(big_json)), (headroom, os.path.getsize(big))
 try:
     s = run(big, out)
     records = sum(1 for _ in iter_documents(big_json))
 except UserError as e:
     print(json.dumps({"error": str(e)}))
     sys.exit(1)
-print(json.dumps({**s, "json_records": records, "cap_over_baseline": int(margin)}))
+print(json.dumps({**s, "json_records": records, "cap_over_baseline": int(margin), "headroom": headroom}))
 """
 
 
@@ -373,6 +375,7 @@ def test_prepare_streams_one_huge_text_file_under_a_memory_cap(tmp_path, shared)
                         str(tmp_path / "out"), str(margin)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     s = json.loads(r.stdout.splitlines()[-1])
+    assert 0 < s["headroom"] < big.stat().st_size  # checked inside the capped process too
     assert s["json_records"] == i + 1
     index = read_index(tmp_path / "out")
     assert index["stats"]["clean"]["bytes_in"] == big.stat().st_size
