@@ -32,14 +32,36 @@ from scratchlm.train.precision import autocast
 from scratchlm.train.trainer import pretrain
 
 
-def val_documents(dataset_dir: Path, tok: Tokenizer) -> list[str]:
-    val = np.asarray(load_split(dataset_dir, "val", tokenizer=tok))
-    cuts = np.flatnonzero(val == tok.eot_id)
-    docs, start = [], 0
-    for c in cuts:
-        docs.append(tok.decode(val[start:c].tolist()))
-        start = c + 1
-    return [d for d in docs if d.strip()]
+def val_documents(dataset_dir: Path, tok: Tokenizer, lines: int = 0, min_docs: int = 4,
+                  max_tokens: int = 2_000_000, chunk: int = 1 << 16) -> list[str]:
+    """The first documents of the val split, read a chunk at a time until there are `min_docs`
+    of them holding `lines` lines of 8+ words (what the cloze items need), or `max_tokens` have
+    been read: never the whole split, which can be far larger than what the report uses."""
+    val = load_split(dataset_dir, "val", tokenizer=tok)  # checks the shards' tokenizer fingerprint
+    docs: list[str] = []
+    have_lines, pending = 0, np.zeros(0, dtype=np.int64)
+
+    def add(ids: np.ndarray) -> None:
+        nonlocal have_lines
+        text = tok.decode(ids.tolist())
+        if text.strip():
+            docs.append(text)
+            have_lines += sum(len(ln.split()) >= 8 for ln in text.split("\n"))
+
+    end = min(len(val), max_tokens)
+    for start in range(0, end, chunk):
+        part = np.concatenate([pending, np.asarray(val[start:min(start + chunk, end)], dtype=np.int64)])
+        cuts = np.flatnonzero(part == tok.eot_id)
+        lo = 0
+        for c in cuts:
+            add(part[lo:c])
+            lo = c + 1
+        pending = part[lo:]
+        if len(docs) >= min_docs and have_lines >= lines:
+            return docs
+    if len(pending):
+        add(pending)  # the last document, or one cut at max_tokens
+    return docs
 
 
 def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: str = "runs/quickstart",
@@ -80,7 +102,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     timings["prepare"] = time.time() - t
     index = read_index(dataset_dir)
     tok = Tokenizer.load(dataset_dir / "tokenizer")
-    docs = val_documents(dataset_dir, tok)
+    docs = val_documents(dataset_dir, tok, lines=4 * 4 * cfg.eval.mc_limit)  # 4x the lines the cloze items use
     passage = (docs[0] if docs else tok.decode(load_split(dataset_dir, "train")[:400].tolist()))[:1000]
     comp = compression_stats(tok, passage)
     if comp["kind"] == "char":

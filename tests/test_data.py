@@ -205,6 +205,24 @@ def test_one_file_without_blank_lines_gets_a_validation_split(tmp_path, shared):
     assert not (tmp_path / "o2").exists()
 
 
+def test_val_gets_its_share_of_the_text_when_documents_differ_in_size(tmp_path, shared):
+    """One long document and 20 short notes: a split by document count can give val only notes
+    (a fraction of a percent of the text). Val must hold about val_fraction of the text."""
+    book = (shared / "tinyshakespeare.txt").read_text()[:200_000]
+    notes = [f"Note {i}: remember to buy {i} apples and {i + 3} pears on the way home." for i in range(20)]
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        for text in [book] + notes:
+            f.write(json.dumps({"text": text}) + "\n")
+    logs = []
+    s = prepare(DataConfig(corpus=str(tmp_path / "mixed.jsonl")), TokenizerConfig(vocab_size=300), tmp_path / "o",
+                log=logs.append)
+    share = s["val_tokens"] / (s["val_tokens"] + s["train_tokens"])
+    assert 0.025 < share < 0.1, (share, s)
+    assert s["split_by"] == "span" and any("of the characters" in line for line in logs), logs
+    train, val = split_documents([book] + notes, 0.05, seed=0)  # the in-memory split agrees
+    assert 0.025 < sum(map(len, val)) / (len(book) + sum(map(len, notes))) < 0.1
+
+
 def test_split_documents_spans_concatenate_back(shared):
     text = (shared / "the-verdict.txt").read_text()
     train, val = split_documents([text], 0.1, seed=0)
@@ -290,7 +308,7 @@ def test_prepare_and_loader_memory_does_not_grow_with_the_corpus(tmp_path, share
 
 
 CAPPED_PREPARE = r"""
-import json, resource, sys
+import json, os, resource, sys
 import scratchlm.data.prepare as P, scratchlm.data.sources as S
 from scratchlm.config import DataConfig, TokenizerConfig
 from scratchlm.data.sources import iter_documents
@@ -298,9 +316,9 @@ from scratchlm.errors import UserError
 # Smaller pieces and batches than the defaults, so that a corpus of tens of MB outgrows the cap.
 S.PIECE_CHARS = S.READ_BYTES = P.BATCH_CHARS = 1 << 18
 
-def vm_peak():
+def vm(field="VmPeak"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmPeak:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
 def run(corpus, out):
@@ -309,15 +327,17 @@ def run(corpus, out):
 
 small, big, big_json, out, margin = sys.argv[1:6]
 run(small, out + "-warm")  # imports, malloc arenas, tiktoken's threads, the tokenizer's worker pool
-cap = vm_peak() + int(margin)  # address space: everything so far, and `margin` more
+cap = vm() + int(margin)  # address space: everything so far, and `margin` more
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+headroom = cap - vm("VmSize")  # what prepare may still map: less than either corpus, or this tests nothing
+assert headroom < min(os.path.getsize(big), os.path.getsize(big_json)), (headroom, os.path.getsize(big))
 try:
     s = run(big, out)
     records = sum(1 for _ in iter_documents(big_json))
 except UserError as e:
     print(json.dumps({"error": str(e)}))
     sys.exit(1)
-print(json.dumps({**s, "json_records": records, "cap_over_baseline": int(margin)}))
+print(json.dumps({**s, "json_records": records, "cap_over_baseline": int(margin), "headroom": headroom}))
 """
 
 
@@ -355,6 +375,7 @@ def test_prepare_streams_one_huge_text_file_under_a_memory_cap(tmp_path, shared)
                         str(tmp_path / "out"), str(margin)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     s = json.loads(r.stdout.splitlines()[-1])
+    assert 0 < s["headroom"] < big.stat().st_size  # checked inside the capped process too
     assert s["json_records"] == i + 1
     index = read_index(tmp_path / "out")
     assert index["stats"]["clean"]["bytes_in"] == big.stat().st_size
@@ -400,6 +421,18 @@ def test_decontamination_reads_every_eval_file_or_refuses(tmp_path, shared):
     assert len(item.split()) < 13
     rep = Decontaminator({"hyphens": [item]}).check(["unrelated text " * 20, "He said: " + item.lower() + " Then left."])
     assert rep.flagged == [1]
+
+
+def test_unusable_eval_file_fails_before_the_corpus_is_read(tmp_path, monkeypatch):
+    import scratchlm.data.prepare as P
+    (tmp_path / "c.txt").write_text("Some text to prepare.\n" * 100)
+    (tmp_path / "other.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    read = []
+    monkeypatch.setattr(P, "iter_documents", lambda *a: read.append(1) or iter_documents(*a))
+    with pytest.raises(UserError, match="not a recognised eval file"):
+        prepare(DataConfig(corpus=str(tmp_path / "c.txt"), decontaminate=[str(tmp_path / "other.jsonl")]),
+                TokenizerConfig(vocab_size=300), tmp_path / "o", log=quiet)
+    assert not read and not (tmp_path / "o").exists()
 
 
 def test_prepare_decontaminates_while_streaming(tmp_path, shared):

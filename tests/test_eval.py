@@ -154,3 +154,19 @@ def test_eval_perplexity_refuses_a_dataset_of_another_tokenizer(tmp_path, tiny_d
     assert main(["eval", "perplexity", "--ckpt", str(tmp_path / "m"), "--data", str(tmp_path / "other")]) == 2
     assert "tokenized by another tokenizer" in capsys.readouterr().err
     assert main(["eval", "perplexity", "--ckpt", str(tmp_path / "m"), "--data", str(tiny_dataset)]) == 0
+
+
+def test_eval_file_is_recognised_from_its_head_without_reading_it_whole(tmp_path, shared, monkeypatch):
+    """load_task_items sniffs a JSONL file's first 4,000 characters; an unrecognised (possibly
+    huge) file is refused without being read whole, and a real ARC file still loads."""
+    import pathlib
+    from scratchlm.eval.tasks import load_task_items
+    (tmp_path / "other.jsonl").write_text('{"prompt": "x", "completion": "y"}\n' * 2000)
+
+    def whole(self, *a, **k):
+        raise AssertionError(f"read {self} whole")
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "read_text", whole)
+        with pytest.raises(UserError, match="not a recognised eval file"):
+            load_task_items(tmp_path / "other.jsonl")
+    assert len(load_task_items(shared / "arc" / "arc_easy_validation.jsonl")) == 570

@@ -71,13 +71,41 @@ def val_mask(keys: list[int], val_fraction: float) -> np.ndarray:
     return mask
 
 
+def val_mask_by_chars(keys: list[int], sizes: list[int], val_fraction: float) -> np.ndarray:
+    """The units with the smallest keys go to val until they hold `val_fraction` of the characters
+    (at least one unit, never all). For corpora whose units differ wildly in size."""
+    mask = np.zeros(len(keys), dtype=bool)
+    if len(keys) >= 2 and val_fraction > 0:
+        order = np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")
+        held = np.cumsum(np.asarray(sizes, dtype=np.int64)[order])
+        n_val = min(int(np.searchsorted(held, val_fraction * held[-1])) + 1, len(keys) - 1)
+        mask[order[:n_val]] = True
+    return mask
+
+
+def val_share_too_small(mask: np.ndarray, sizes: list[int], val_fraction: float) -> bool:
+    """Did a split by unit count give val well under its share of the text (under half of it)?"""
+    total = sum(sizes)
+    val = sum(n for n, v in zip(sizes, mask) if v)
+    return val_fraction > 0 and total > 0 and val < 0.5 * val_fraction * total
+
+
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """The split `prepare` makes, for a list in memory: by document when there are enough of them,
-    else by contiguous spans (see `cut_spans`)."""
-    if len(docs) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
-        target = max(sum(map(len, docs)) // SPANS_PER_CORPUS, 200)
+    """The split `prepare` makes, for a list in memory: by document when there are enough of them
+    and val gets its share of the text, else by contiguous spans (see `cut_spans`)."""
+    total = sum(map(len, docs))
+    mask = None
+    if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
+        mask = val_mask([split_key(d, seed) for d in docs], val_fraction)
+        if val_share_too_small(mask, list(map(len, docs)), val_fraction):
+            mask = None
+    if mask is None:
+        target = max(total // SPANS_PER_CORPUS, 200)
         docs = [s for d in docs for s in cut_spans(d, target)]
-    mask = val_mask([split_key(d, seed) for d in docs], val_fraction)
+        keys, sizes = [split_key(d, seed) for d in docs], list(map(len, docs))
+        mask = val_mask(keys, val_fraction)
+        if val_share_too_small(mask, sizes, val_fraction):
+            mask = val_mask_by_chars(keys, sizes, val_fraction)
     return [d for d, v in zip(docs, mask) if not v], [d for d, v in zip(docs, mask) if v]
 
 
@@ -145,6 +173,12 @@ def _prepare(data: DataConfig, tokenizer: TokenizerConfig, out: Path, *, seed: i
             if (data.max_docs and n >= data.max_docs) or (data.max_chars and chars >= data.max_chars):
                 return
 
+    contam = None
+    if data.decontaminate:  # an unusable eval file fails now, not after a pass over the corpus
+        from scratchlm.data.decontam import Decontaminator, load_eval_texts
+        contam = Decontaminator(load_eval_texts(data.decontaminate))
+        report = contam.new_report()
+
     with staged_dir(out, replace=overwrite) as tmp:
         # 1. read + clean + deduplicate: per document, an exact-match hash and a MinHash signature
         cstats = CleanStats()
@@ -172,12 +206,7 @@ def _prepare(data: DataConfig, tokenizer: TokenizerConfig, out: Path, *, seed: i
             log(f"dedup: {res.exact_dups} exact and {res.near_dups} near duplicates removed "
                 f"({len(res.clusters)} near-dup clusters), {sum(keep)} documents left")
 
-        # 2. decontaminate and place each unit (a document, or a span of a few-document corpus)
-        contam = None
-        if data.decontaminate:
-            from scratchlm.data.decontam import Decontaminator, load_eval_texts
-            contam = Decontaminator(load_eval_texts(data.decontaminate))
-            report = contam.new_report()
+        # 2. decontaminate (the eval sets were loaded first) and place each unit (a document, or a span of a few-document corpus)
         n_kept = sum(keep)
         by_span = n_kept < MIN_DOCS_FOR_DOCUMENT_SPLIT
         span_chars = max(sum(n for n, k in zip(lengths, keep) if k) // SPANS_PER_CORPUS, 200) if by_span else 0
@@ -203,15 +232,33 @@ def _prepare(data: DataConfig, tokenizer: TokenizerConfig, out: Path, *, seed: i
                 + ("(dropped)" if data.drop_contaminated else "(kept; --drop-contaminated removes them)"))
             if data.drop_contaminated:
                 dropped = set(report.flagged)
-        keys = [split_key(u, seed) for u in units()]
+
+        def keys_and_sizes() -> tuple[list[int], list[int]]:
+            pairs = [(split_key(u, seed), len(u)) for u in units()]
+            return [k for k, _ in pairs], [n for _, n in pairs]
+
+        keys, sizes = keys_and_sizes()
         is_val = val_mask(keys, data.val_fraction)
+        if len(keys) >= 2 and val_share_too_small(is_val, sizes, data.val_fraction):
+            # A count-based split of units of very different sizes (one book and a few notes, say)
+            # can give val almost none of the text: cut spans, and hold out by characters instead.
+            share = sum(n for n, v in zip(sizes, is_val) if v) / max(sum(sizes), 1)
+            units_were = "spans" if by_span else "documents"
+            if not by_span:
+                by_span = True
+                span_chars = max(sum(sizes) // SPANS_PER_CORPUS, 200)
+                keys, sizes = keys_and_sizes()
+            is_val = val_mask_by_chars(keys, sizes, data.val_fraction)
+            new = sum(n for n, v in zip(sizes, is_val) if v) / max(sum(sizes), 1)
+            log(f"split: holding out {data.val_fraction:.0%} of the {units_were} by count gave val only "
+                f"{share:.2%} of the text, so val is now {new:.2%} of the characters, held out as whole spans")
         if data.val_fraction > 0 and not is_val.any():
             raise UserError(f"{data.corpus} is too small to hold out a validation split ({len(keys)} "
                             f"{'span' if by_span else 'document'} after cleaning); give more text, or set "
                             "data.val_fraction=0 to train without validation")
         if is_val.all() or not keys:
             raise UserError("no training documents left; give a bigger corpus")
-        del keys
+        del keys, sizes
 
         def split_units(want_val: bool) -> Iterator[str]:
             for u, v in zip(units(), is_val):

@@ -292,7 +292,8 @@ def load_task_items(path: str | Path) -> list[MCItem] | None:
     if p.is_dir() or p.suffix == ".csv":
         items = load_mmlu(p)
     elif p.suffix in (".jsonl", ".json"):
-        head = p.read_text(encoding="utf-8")[:4000]
+        with open(p, encoding="utf-8", errors="replace") as f:
+            head = f.read(4000)  # enough to recognise the format; the file itself may be large
         if '"answerKey"' in head:
             items = load_arc(p)
         elif '"ctx_a"' in head and '"endings"' in head:
