@@ -48,7 +48,8 @@ def check(run, path):
 
 @pytest.mark.parametrize("preset, overrides, pattern", [
     ("gpt2-124m", (), "gpt2"), ("gpt2-124m", ("model.vocab_size=448",), "gpt4"), ("llama-small", (), "gpt4"),
-    ("llama-small", ("model.tie_embeddings=true", "model.n_kv_heads=1", "model.bias=true"), "gpt2")])
+    ("llama-small", ("model.tie_embeddings=true", "model.n_kv_heads=1", "model.bias=true"), "gpt2"),
+    ("llama-small", ("model.qk_norm=true",), "gpt4")])  # llama.cpp's qwen3
 def test_llamacpp_runs_our_gguf(tmp_path, preset, overrides, pattern):
     run = make_run(tmp_path, "run", preset, overrides, pattern=pattern)
     check(run, export_gguf(run, tmp_path / "m.gguf"))

@@ -32,7 +32,8 @@ def read(path):
 
 
 @pytest.mark.parametrize("preset, overrides, arch", [("gpt2-124m", (), "gpt2"), ("llama-small", (), "llama"),
-                                                      ("llama-small", ("model.bias=true",), "llama")])
+                                                      ("llama-small", ("model.bias=true",), "llama"),
+                                                      ("llama-small", ("model.qk_norm=true",), "qwen3")])
 def test_gguf_reads_back(tmp_path, preset, overrides, arch):
     run = make_run(tmp_path, "run", preset, overrides, state_extra={"task": {"kind": "sft", "template": "chat"}})
     path = export_gguf(run, tmp_path / "m.gguf")
@@ -60,11 +61,16 @@ def test_gguf_reads_back(tmp_path, preset, overrides, arch):
         assert torch.equal(tensors["position_embd.weight"], sd["pos_embed.weight"])
         assert "output.weight" in tensors  # llama.cpp's gpt2 wants the head even when tied
     else:
-        assert field("llama.attention.head_count_kv") == c.kv_heads
-        assert field("llama.rope.freq_base") == pytest.approx(c.rope_theta)
+        assert field(f"{arch}.attention.head_count_kv") == c.kv_heads
+        assert field(f"{arch}.rope.freq_base") == pytest.approx(c.rope_theta)
         assert ("blk.0.attn_q.bias" in tensors) == c.bias
         k = sd["layers.0.attn.qkv.weight"][c.d_model:c.d_model + c.kv_heads * c.head_dim]
-        assert torch.equal(tensors["blk.0.attn_k.weight"], rope_to_interleaved(k, c.kv_heads))
+        if arch == "llama":  # adjacent-pair RoPE: rows permuted
+            assert torch.equal(tensors["blk.0.attn_k.weight"], rope_to_interleaved(k, c.kv_heads))
+        else:  # qwen3 rotates halves as we do; the QK-norm gains are its attn_{q,k}_norm
+            assert torch.equal(tensors["blk.0.attn_k.weight"], k)
+            assert torch.equal(tensors["blk.1.attn_q_norm.weight"], sd["layers.1.attn.q_norm.weight"])
+            assert torch.equal(tensors["blk.1.attn_k_norm.weight"], sd["layers.1.attn.k_norm.weight"])
         assert ("output.weight" in tensors) == (not c.tie_embeddings)
 
 

@@ -26,7 +26,14 @@ VARIANTS = {  # every preset family, and the variants HF's two layouts must expr
     "llama-small-gqa-untied": ("llama-small", ()),
     "llama-mqa-tied": ("llama-small", ("model.n_kv_heads=1", "model.tie_embeddings=true")),
     "llama-bias-theta": ("llama-small", ("model.bias=true", "model.n_kv_heads=4", "model.rope_theta=500000")),
+    "qwen3-gqa-untied": ("llama-small", ("model.qk_norm=true",)),  # QK-norm: Qwen3
+    "qwen3-mqa-tied": ("llama-small", ("model.qk_norm=true", "model.n_kv_heads=1", "model.tie_embeddings=true")),
 }
+
+
+def expected_architecture(cfg) -> str:
+    return ("GPT2LMHeadModel" if cfg.pos_encoding == "learned" else
+            "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM")
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -42,9 +49,11 @@ def test_export_logits_and_greedy_match_transformers(tmp_path, variant):
     run = make_run(tmp_path, "run", preset, overrides)
     out = export_hf(run, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    expected = "LlamaForCausalLM" if preset == "llama-small" else "GPT2LMHeadModel"
-    assert type(hf).__name__ == expected
     ours, tok, _ = load_for_inference(run, device="cpu")
+    assert type(hf).__name__ == expected_architecture(ours.cfg)
+    if ours.cfg.qk_norm:  # our per-head q/k gains are Qwen3's q_norm/k_norm, tensor for tensor
+        assert torch.equal(hf.model.layers[1].self_attn.k_norm.weight, ours.layers[1].attn.k_norm.weight)
+        assert hf.config.rms_norm_eps == ours.layers[0].attn.q_norm.eps
     ids = tok.encode(" ".join(TEXTS))[:64]
     with torch.no_grad():
         theirs_logits = hf(torch.tensor([ids])).logits
@@ -128,8 +137,9 @@ def test_tied_export_has_no_duplicate_head_and_conv1d_is_transposed(tmp_path):
     (("model.norm=rmsnorm",), "model.norm='rmsnorm'"),
     (("model.n_kv_heads=2",), "model.n_kv_heads=2"),
     (("model.pos_encoding=rope",), "model.norm='layernorm'"),
-    (("model.pos_encoding=rope", "model.norm=rmsnorm", "model.ffn=swiglu", "model.qk_norm=true"),
-     "model.qk_norm=true"),
+    (("model.qk_norm=true",), "model.qk_norm=true with model.pos_encoding='learned'"),  # Qwen3 needs Llama's layout
+    (("model.pos_encoding=rope", "model.norm=rmsnorm", "model.ffn=swiglu", "model.qk_norm=true", "model.bias=true"),
+     "model.qk_norm=true with model.bias=true"),  # Qwen3's MLP has no biases
 ])
 def test_export_refuses_what_hf_cannot_express(tmp_path, capsys, overrides, field):
     run = make_run(tmp_path, "run", "tiny", overrides)

@@ -1,4 +1,4 @@
-"""Import from Hugging Face: GPT-2 and Llama directories (built here by transformers, random weights)
+"""Import from Hugging Face: GPT-2, Llama and Qwen3 directories (built here by transformers, random weights)
 become scratchlm runs with the same logits and the same token ids, and export back unchanged."""
 
 import json
@@ -46,6 +46,13 @@ def hf_model(arch: str, vocab: int, tied: bool, kv_heads: int = 2):
         cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                       tie_word_embeddings=tied)
         model = transformers.GPT2LMHeadModel(cfg)
+    elif arch == "qwen3":  # Llama + a q/k RMSNorm per head: our model.qk_norm
+        cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=8,
+                                       max_position_embeddings=64, rms_norm_eps=1e-5,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                       tie_word_embeddings=tied)
+        model = transformers.Qwen3ForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
@@ -67,7 +74,8 @@ def save_hf(tmp_path, arch: str, tied: bool, style: str, kv_heads: int = 2, **sa
 
 
 CASES = {"gpt2-tied": ("gpt2", True, "gpt2", 4), "gpt2-untied": ("gpt2", False, "gpt2", 4),
-         "llama-gqa-untied": ("llama", False, "llama3", 2), "llama-mqa-tied": ("llama", True, "llama3", 1)}
+         "llama-gqa-untied": ("llama", False, "llama3", 2), "llama-mqa-tied": ("llama", True, "llama3", 1),
+         "qwen3-gqa-untied": ("qwen3", False, "llama3", 2), "qwen3-mqa-tied": ("qwen3", True, "llama3", 1)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -85,6 +93,7 @@ def test_import_matches_hf_and_round_trips(tmp_path, case):
     with torch.no_grad():
         diff = (ours(ids)[0] - hf(ids).logits).abs().max().item()
     assert diff <= 1e-4
+    assert ours.cfg.qk_norm == (arch == "qwen3")
 
     out = export_hf(run, tmp_path / "back")  # import -> export gives back the very same tensors
     original, exported = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
@@ -176,7 +185,16 @@ def test_import_bad_input_is_one_line(tmp_path, capsys):
     bert = tmp_path / "bert"
     shutil.copytree(src, bert)
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    refuse(bert, "model_type 'bert' is not gpt2 or llama")
+    refuse(bert, "model_type 'bert' is not gpt2, llama or qwen3")
+
+    qwen, _, _ = save_hf(tmp_path, "qwen3", False, "llama3")
+    capsys.readouterr()
+    config = json.loads((qwen / "config.json").read_text())
+    for bad, needle in (({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0,
+                          "layer_types": ["sliding_attention"] * 2}, "sliding-window attention"),
+                        ({"head_dim": 16}, "head_dim=16 is not hidden_size/num_attention_heads")):
+        (qwen / "config.json").write_text(json.dumps({**config, **bad}))
+        refuse(qwen, needle)
 
     wordpiece = tmp_path / "wp"
     shutil.copytree(src, wordpiece)

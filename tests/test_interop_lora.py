@@ -18,6 +18,7 @@ LORA_CASES = {  # (preset, overrides, targets)
     "gpt2-qv": ("gpt2-124m", (), ("q", "v")),
     "llama-gqa-untied-all": ("llama-small", (), ALL),
     "llama-mqa-tied-kv-mlp": ("llama-small", ("model.n_kv_heads=1", "model.tie_embeddings=true"), ("k", "v", "mlp")),
+    "qwen3-all": ("llama-small", ("model.qk_norm=true",), ALL),        # QK-norm base: Qwen3 names
 }
 
 
@@ -139,7 +140,7 @@ def test_finetune_sft_from_imported_gpt2_then_export(tmp_path, shared):
         assert exported_tok.encode(text, add_special_tokens=False) == tok.encode(text, allowed_special="all")
 
 
-@pytest.mark.parametrize("case", ["gpt2-tied-all", "gpt2-qv", "llama-gqa-untied-all"])
+@pytest.mark.parametrize("case", ["gpt2-tied-all", "gpt2-qv", "llama-gqa-untied-all", "qwen3-all"])
 def test_peft_adapter_on_the_exported_base_gives_our_logits(tmp_path, case):
     peft = pytest.importorskip("peft")
     import json

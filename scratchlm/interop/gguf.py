@@ -7,6 +7,8 @@ Three things differ from the Hugging Face export:
   while we (and HF Llama) rotate (first half, second half) pairs. Reordering the rows of W_q and
   W_k per head — (x0, x_{d/2}, x1, x_{d/2+1}, ...) — turns one convention into the other; it is
   the permutation llama.cpp's convert_hf_to_gguf.py applies to every Llama checkpoint.
+  A QK-norm model is written as llama.cpp's "qwen3" (Llama + blk.N.attn_{q,k}_norm), which rotates
+  (first half, second half) pairs as we do (GGML's NeoX mode): no permutation there.
 - llama.cpp does not run the tokenizer's regex: it recognises pre-tokenizers by *name* and has the
   regex compiled in. So the pattern must be one it knows ("gpt-2" = our GPT-2 pattern,
   "llama-bpe" = Llama 3's, which is our GPT-4 pattern); any other regex is refused, because
@@ -52,7 +54,7 @@ def rope_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_tensors(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict under llama.cpp's tensor names (gpt2 or llama architecture)."""
+    """Our state dict under llama.cpp's tensor names (gpt2, llama or qwen3 architecture)."""
     layout = hf_layout(cfg)
     out = {"token_embd.weight": sd["embed_tokens.weight"], "output_norm.weight": sd["norm.weight"]}
     if layout == "gpt2":
@@ -77,11 +79,15 @@ def gguf_tensors(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, tor
                 out[b + "attn_qkv." + s] = get("attn.qkv")
             else:
                 q, k, v = get("attn.qkv").split([H * d, K * d, K * d], dim=0)
-                out[b + "attn_q." + s] = rope_to_interleaved(q, H)
-                out[b + "attn_k." + s] = rope_to_interleaved(k, K)
+                permute = rope_to_interleaved if layout == "llama" else lambda w, _: w  # qwen3: NeoX RoPE
+                out[b + "attn_q." + s] = permute(q, H)
+                out[b + "attn_k." + s] = permute(k, K)
                 out[b + "attn_v." + s] = v
                 out[b + "ffn_gate." + s] = get("ffn.gate_proj")
-        if layout == "llama":  # RMSNorm has no bias
+        if layout == "qwen3":
+            out[b + "attn_q_norm.weight"] = sd[p + "attn.q_norm.weight"]
+            out[b + "attn_k_norm.weight"] = sd[p + "attn.k_norm.weight"]
+        if layout != "gpt2":  # RMSNorm has no bias
             out.pop(b + "attn_norm.bias", None)
             out.pop(b + "ffn_norm.bias", None)
     if layout == "gpt2":
@@ -167,6 +173,8 @@ def write_gguf(model, tok: Tokenizer, out: str | Path, name: str, template=None)
             writer.add_layer_norm_rms_eps(NORM_EPS)
             writer.add_rope_freq_base(cfg.rope_theta)
             writer.add_rope_dimension_count(cfg.head_dim)
+            writer.add_key_length(cfg.head_dim)
+            writer.add_value_length(cfg.head_dim)
         _add_tokenizer(writer, gguf, tok, cfg.vocab_size, template)
         for tname, t in tensors.items():
             writer.add_tensor(tname, t.numpy().astype(np.float32))

@@ -11,6 +11,10 @@ Our parameter names already follow Llama's, so the work is in the few places the
     layers.N.ffn_norm            ...ln_2                              ...post_attention_layernorm
     layers.N.ffn.{gate,up,down}  ...mlp.c_fc / c_proj (W.T, no gate)  ...mlp.{gate,up,down}_proj
     norm, lm_head                transformer.ln_f, lm_head            model.norm, lm_head
+    layers.N.attn.{q,k}_norm     (none)                               (none; Qwen3: ...self_attn.{q,k}_norm)
+
+A QK-norm model (model.qk_norm) is Llama plus one RMSNorm gain per head channel on q and k, applied
+per head before RoPE: exactly Qwen3ForCausalLM, so it exports as "qwen3" with Llama's names.
 
 GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear: forgetting the transpose
 gives a model that loads without complaint and outputs noise. Its GELU is the tanh approximation
@@ -42,10 +46,16 @@ NORM_EPS = 1e-5  # our LayerNorm and RMSNorm epsilon
 # --- which HF architecture ------------------------------------------------------------------
 
 def hf_layout(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama', or a one-line refusal naming the field HF cannot express."""
-    if cfg.qk_norm:
-        raise UserError("model.qk_norm=true has no Hugging Face architecture here (GPT-2 and Llama do not "
-                        "normalise q and k); export a model trained without it")
+    """'gpt2', 'llama' or 'qwen3', or a one-line refusal naming the field HF cannot express."""
+    if cfg.qk_norm:  # Qwen3 = Llama + q_norm/k_norm, with no MLP biases at all
+        for ok, field, value in ((cfg.pos_encoding == "rope", "pos_encoding", cfg.pos_encoding),
+                                 (cfg.norm == "rmsnorm", "norm", cfg.norm), (cfg.ffn == "swiglu", "ffn", cfg.ffn),
+                                 (not cfg.bias, "bias", cfg.bias)):
+            if not ok:
+                shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as the config writes it
+                raise UserError(f"model.qk_norm=true with model.{field}={shown} has no Hugging Face architecture "
+                                f"(QK-norm exports as Qwen3: pos_encoding=rope, norm=rmsnorm, ffn=swiglu, bias=false)")
+        return "qwen3"
     if cfg.pos_encoding == "learned":
         for ok, field, value in ((cfg.norm == "layernorm", "norm", cfg.norm), (cfg.ffn == "gelu", "ffn", cfg.ffn),
                                  (cfg.kv_heads == cfg.n_heads, "n_kv_heads", cfg.n_kv_heads)):
@@ -91,6 +101,9 @@ def to_hf_state(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
             h = f"model.layers.{i}."
             out[h + "input_layernorm.weight"] = sd[p + "attn_norm.weight"]
             out[h + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
+            if layout == "qwen3":
+                for n in ("q_norm", "k_norm"):
+                    out[h + f"self_attn.{n}.weight"] = sd[p + f"attn.{n}.weight"]
             for suffix in ("weight", "bias") if cfg.bias else ("weight",):
                 q, k, v = _split_qkv(cfg, sd[p + "attn.qkv." + suffix])
                 for name, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
@@ -144,6 +157,9 @@ def from_hf_state(layout: str, cfg: ModelConfig, hf: dict[str, torch.Tensor]) ->
             h, p = f"model.layers.{i}.", f"layers.{i}."
             sd[p + "attn_norm.weight"] = take(h + "input_layernorm.weight")
             sd[p + "ffn_norm.weight"] = take(h + "post_attention_layernorm.weight")
+            if layout == "qwen3":
+                for n in ("q_norm", "k_norm"):
+                    sd[p + f"attn.{n}.weight"] = take(h + f"self_attn.{n}.weight")
             sd[p + "attn.qkv.weight"] = torch.cat([take(h + f"self_attn.{n}_proj.weight") for n in "qkv"])
             sd[p + "attn.out.weight"] = take(h + "self_attn.o_proj.weight")
             for n in ("gate_proj", "up_proj", "down_proj"):
@@ -182,6 +198,13 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False, **common}
+    layout = hf_layout(cfg)
+    if layout == "qwen3":  # Llama's keys (no mlp_bias: Qwen3's MLP has none), sliding window off
+        llama = hf_config(dataclasses.replace(cfg, qk_norm=False), tok)
+        del llama["mlp_bias"]
+        return {**llama, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                "sliding_window": None, "max_window_layers": cfg.n_layers,
+                "layer_types": ["full_attention"] * cfg.n_layers}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.d_model,
             "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -192,7 +215,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
 
 
 def model_config_from_hf(config: dict, where: Path) -> tuple[str, ModelConfig]:
-    """(layout, our ModelConfig) for a GPT-2 or Llama config.json, or a one-line refusal."""
+    """(layout, our ModelConfig) for a GPT-2, Llama or Qwen3 config.json, or a one-line refusal."""
     kind = config.get("model_type")
 
     def need(ok: bool, what: str) -> None:
@@ -211,7 +234,10 @@ def model_config_from_hf(config: dict, where: Path) -> tuple[str, ModelConfig]:
                           pos_encoding="learned", norm="layernorm", ffn="gelu", bias=True,
                           tie_embeddings=config.get("tie_word_embeddings", True))
         return "gpt2", cfg.validate()
-    if kind == "llama":
+    if kind in ("llama", "qwen3"):
+        if kind == "qwen3":
+            need(not config.get("use_sliding_window") and "sliding_attention" not in (config.get("layer_types") or []),
+                 "sliding-window attention is enabled (scratchlm attends to the whole context)")
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -220,17 +246,17 @@ def model_config_from_hf(config: dict, where: Path) -> tuple[str, ModelConfig]:
         need(math.isclose(config.get("rms_norm_eps", 1e-6), NORM_EPS),
              f"rms_norm_eps={config.get('rms_norm_eps', 1e-6)} (scratchlm's RMSNorm uses 1e-5)")
         d, heads = config["hidden_size"], config["num_attention_heads"]
-        need(config.get("head_dim") in (None, d // heads),
-             f"head_dim={config.get('head_dim')} is not hidden_size/num_attention_heads")
+        head_dim = config.get("head_dim", 128 if kind == "qwen3" else None)  # Qwen3Config's default is 128
+        need(head_dim in (None, d // heads), f"head_dim={head_dim} is not hidden_size/num_attention_heads")
         cfg = ModelConfig(vocab_size=config["vocab_size"], context_length=config["max_position_embeddings"], d_model=d,
                           n_layers=config["num_hidden_layers"], n_heads=heads,
                           n_kv_heads=config.get("num_key_value_heads") or heads, d_ff=config["intermediate_size"],
                           pos_encoding="rope", rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 1e4))),
-                          norm="rmsnorm", ffn="swiglu",
+                          norm="rmsnorm", ffn="swiglu", qk_norm=kind == "qwen3",
                           bias=bool(config.get("attention_bias") or config.get("mlp_bias")),
                           tie_embeddings=config.get("tie_word_embeddings", False))
-        return "llama", cfg.validate()
-    raise UserError(f"{where}: model_type {kind!r} is not gpt2 or llama; scratchlm imports those two families")
+        return kind, cfg.validate()
+    raise UserError(f"{where}: model_type {kind!r} is not gpt2, llama or qwen3; scratchlm imports those families")
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -328,7 +354,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(src: str | Path, out: str | Path) -> Path:
-    """A HF GPT-2/Llama directory -> a scratchlm run directory (checkpoint + tokenizer + config)
+    """A HF GPT-2/Llama/Qwen3 directory -> a scratchlm run directory (checkpoint + tokenizer + config)
     that `generate`, `eval`, fine-tuning and `pretrain --resume` use like any run of ours."""
     from scratchlm.config import Config
     from scratchlm.train import checkpoint as ckpt

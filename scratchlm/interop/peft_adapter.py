@@ -49,7 +49,7 @@ def peft_tensors(model, layout: str, rank: int, alpha: float) -> tuple[dict[str,
             put("", "lm_head", layer.lora_A["head"], layer.lora_B["head"])
             continue
         i, site = name.split(".", 2)[1:]  # "layers.{i}.{site}"
-        if layout == "llama":
+        if layout in ("llama", "qwen3"):  # Qwen3 names its projections as Llama does
             for part in layer.parts:
                 put(f"model.layers.{i}.", LLAMA_MODULES[site].format(part=part), layer.lora_A[part], layer.lora_B[part])
         elif site == "attn.qkv":
