@@ -1,6 +1,6 @@
 """Run quickstarts over a grid of settings and time budgets; score each on a held-out text.
 
-This is how the quickstart's budget rule (scratchlm/train/budget.py) and the README's sweep and
+This is how the quickstart's budget rule (scratchlm/train/recipe.py) and the README's sweep and
 ablation tables were made. Each run is the user's command,
 
     scratchlm quickstart --corpus TRAIN --minutes M --out DIR [--set k=v ...]

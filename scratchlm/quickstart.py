@@ -28,7 +28,7 @@ from scratchlm.report import plot_loss, quickstart_sections, write_report
 from scratchlm.tokenizer import Tokenizer, compression_stats
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import recipe
-from scratchlm.train.precision import autocast
+from scratchlm.train.precision import autocast, pick_device
 from scratchlm.train.trainer import pretrain
 
 
@@ -79,9 +79,20 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     if max_steps is not None:
         cfg.train.max_steps = max_steps
     chosen = {}
-    if not fixed:  # settings for this budget, corpus and machine (train/recipe.py); an explicit --set wins
-        speed = recipe.matmul_speed()
+    saved = out / "config.toml"
+    if saved.exists() and not fixed:  # an interrupted run resumes with the settings it started with
+        before = load_config(saved)
+        chosen = {k: getattr(getattr(before, k.split(".")[0]), k.split(".")[1])
+                  for k in recipe.choose(1, None, recipe.REFERENCE_FLOPS)}
+        recipe.apply(cfg, chosen, {o.split("=", 1)[0].strip() for o in overrides})
+        validate(cfg)
+        log(f"[0/5] resuming with the settings this run started with ({saved})")
+    elif not fixed:  # settings for this budget, corpus and machine (train/recipe.py); an explicit --set wins
+        speed = recipe.matmul_speed(pick_device(cfg.run.device))
         user_keys = {o.split("=", 1)[0].strip() for o in overrides}
+        prepared = Path(cfg.data.dataset_dir or out / "data") / INDEX
+        if prepared.exists() or cfg.tokenizer.path:  # the tokenizer exists already: its size is not ours to pick
+            user_keys.add("tokenizer.vocab_size")
         size = recipe.corpus_bytes(corpus, cfg.data.max_chars)
         chosen = recipe.apply(cfg, recipe.choose(cfg.train.max_minutes, size, speed), user_keys)
         validate(cfg)

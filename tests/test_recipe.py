@@ -59,3 +59,24 @@ def test_quickstart_prints_and_saves_the_settings_it_chose(tmp_path, shared):
     assert "tokenizer.vocab_size=512" in line and "model.d_model" in line
     saved = (tmp_path / "qs" / "config.toml").read_text()
     assert f"d_model = {chosen['model.d_model']}" in saved and "vocab_size = 512" in saved
+
+
+def test_an_interrupted_quickstart_resumes_with_the_settings_it_started_with(tmp_path, shared, monkeypatch):
+    """The choice depends on a speed measurement; a resumed run must not choose again (a different
+    shape could not load the checkpoint)."""
+    from scratchlm.quickstart import run_quickstart
+    out = tmp_path / "qs"
+    sets = ["model.context_length=32", "train.batch_size=8", "train.eval_every=0", "eval.mc_limit=10",
+            "train.checkpoint_every=2"]
+    run_quickstart(str(shared / "the-verdict.txt"), minutes=0.05, out=str(out), overrides=sets, max_steps=2,
+                   log=lambda *_: None)
+    first = json.loads((out / "results.json").read_text())["settings_chosen"]
+    (out / "report.md").unlink()  # as if it had been killed before the end
+    monkeypatch.setattr(recipe, "matmul_speed", lambda *a, **k: 1e16)  # now "a machine 30,000x faster"
+    assert recipe.choose(0.05, 20_000, 1e16)["model.d_model"] != first["model.d_model"]
+    logs = []
+    run_quickstart(str(shared / "the-verdict.txt"), minutes=0.05, out=str(out), overrides=sets, max_steps=4,
+                   log=logs.append)
+    assert any("resuming with the settings this run started with" in m for m in logs)
+    again = json.loads((out / "results.json").read_text())
+    assert again["settings_chosen"] == first and again["train"]["steps"] == 4
