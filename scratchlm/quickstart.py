@@ -83,7 +83,7 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
     if saved.exists() and not fixed:  # an interrupted run resumes with the settings it started with
         before = load_config(saved)
         chosen = {k: getattr(getattr(before, k.split(".")[0]), k.split(".")[1])
-                  for k in recipe.choose(1, None, recipe.REFERENCE_FLOPS)}
+                  for k in recipe.KEYS}
         recipe.apply(cfg, chosen, {o.split("=", 1)[0].strip() for o in overrides})
         validate(cfg)
         log(f"[0/5] resuming with the settings this run started with ({saved})")
@@ -95,10 +95,12 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
             user_keys.add("tokenizer.vocab_size")
         size = recipe.corpus_bytes(corpus, cfg.data.max_chars)
         chosen = recipe.apply(cfg, recipe.choose(cfg.train.max_minutes, size, speed), user_keys)
+        passes = None if user_keys & recipe.SHAPE else recipe.epochs(cfg.train.max_minutes * speed / recipe.REFERENCE_FLOPS, size)
         validate(cfg)
         log(f"[0/5] settings for {cfg.train.max_minutes:g} min on this machine ({speed / 1e9:.0f} GFLOP/s bf16 "
             f"matmul) and {f'{size / 1e6:.1f} MB of text' if size else 'a corpus of unknown size'}: "
-            + ", ".join(f"{k}={v}" for k, v in chosen.items()) + " (--fixed trains the preset as it is)")
+            + ", ".join(f"{k}={v}" for k, v in chosen.items())
+            + (f"; the budget reads the text ~{passes:.0f} times" if passes else "") + " (--fixed trains the preset as it is)")
     timings: dict[str, float] = {}
     t_all = time.time()
 
