@@ -80,27 +80,26 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
         cfg.train.max_steps = max_steps
     chosen = {}
     saved = out / "config.toml"
-    if saved.exists() and not fixed:  # an interrupted run resumes with the settings it started with
+    resumed = saved.exists() and not fixed
+    user_keys = {o.split("=", 1)[0].strip() for o in overrides} | ({"train.max_steps"} if max_steps is not None else set())
+    if resumed:  # an interrupted run resumes with the settings it started with
         before = load_config(saved)
         chosen = {k: getattr(getattr(before, k.split(".")[0]), k.split(".")[1])
-                  for k in recipe.KEYS}
-        recipe.apply(cfg, chosen, {o.split("=", 1)[0].strip() for o in overrides})
+                  for k in recipe.KEYS if k not in user_keys}
+        recipe.apply(cfg, chosen, user_keys)
         validate(cfg)
         log(f"[0/5] resuming with the settings this run started with ({saved})")
     elif not fixed:  # settings for this budget, corpus and machine (train/recipe.py); an explicit --set wins
         speed = recipe.matmul_speed(pick_device(cfg.run.device))
-        user_keys = {o.split("=", 1)[0].strip() for o in overrides}
         prepared = Path(cfg.data.dataset_dir or out / "data") / INDEX
         if prepared.exists() or cfg.tokenizer.path:  # the tokenizer exists already: its size is not ours to pick
             user_keys.add("tokenizer.vocab_size")
         size = recipe.corpus_bytes(corpus, cfg.data.max_chars)
         chosen = recipe.apply(cfg, recipe.choose(cfg.train.max_minutes, size, speed), user_keys)
-        passes = None if user_keys & recipe.SHAPE else recipe.epochs(cfg.train.max_minutes * speed / recipe.REFERENCE_FLOPS, size)
         validate(cfg)
         log(f"[0/5] settings for {cfg.train.max_minutes:g} min on this machine ({speed / 1e9:.0f} GFLOP/s bf16 "
             f"matmul) and {f'{size / 1e6:.1f} MB of text' if size else 'a corpus of unknown size'}: "
-            + ", ".join(f"{k}={v}" for k, v in chosen.items())
-            + (f"; the budget reads the text ~{passes:.0f} times" if passes else "") + " (--fixed trains the preset as it is)")
+            + ", ".join(f"{k}={v}" for k, v in chosen.items()) + " (--fixed trains the preset as it is)")
     timings: dict[str, float] = {}
     t_all = time.time()
 
@@ -126,6 +125,20 @@ def run_quickstart(corpus: str = "builtin", minutes: float | None = None, out: s
             f"character-level tokens but {comp['tokens']} BPE tokens ({comp['ratio']}x shorter)")
     if corpus not in ("builtin", "builtin:kjv") and docs:
         cfg.eval.prompts = [" ".join(d.split()[:4]) for d in docs[:4] if d.split()]
+    if not fixed and not resumed:  # how often the budget reads these tokens: dropout, and where to stop
+        train_tokens = index["splits"]["train"]["tokens"]
+        if user_keys & recipe.SHAPE:  # the recipe's speed table knows its own shapes only
+            user_keys.add("model.dropout")
+        rep = recipe.repetition(cfg.train.max_minutes, speed, train_tokens,
+                                cfg.train.batch_size * cfg.model.context_length)
+        if rep["train.max_steps"] >= cfg.train.max_steps:
+            del rep["train.max_steps"]  # the preset's cap is lower already
+        more = recipe.apply(cfg, rep, user_keys)
+        chosen.update(more)
+        passes = recipe.epochs(cfg.train.max_minutes * speed / recipe.REFERENCE_FLOPS, train_tokens)
+        log(f"      the budget would read the {train_tokens:,} training tokens ~{passes:.1f} times"
+            + (f"; so: {', '.join(f'{k}={v}' for k, v in more.items())}" if more else "")
+            + f" (dropout beyond {recipe.DROPOUT_AFTER_EPOCHS:g} passes, stop at {recipe.MAX_EPOCHS:g})")
 
     # 5: pretrain
     resume = bool(ckpt.list_checkpoints(out / "checkpoints"))

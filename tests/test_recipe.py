@@ -1,6 +1,7 @@
 """The quickstart's settings for a time budget (train/recipe.py)."""
 
 import json
+import math
 
 from scratchlm.config import load_config
 from scratchlm.model import GPT
@@ -82,14 +83,47 @@ def test_an_interrupted_quickstart_resumes_with_the_settings_it_started_with(tmp
     assert again["settings_chosen"] == first and again["train"]["steps"] == 4
 
 
-def test_a_budget_that_reads_a_small_corpus_many_times_turns_dropout_on():
-    """Measured: 10 minutes on 1 MB (~19 passes) overfit without dropout (2.131 bits/byte, worse than 3
-    minutes' 2.088) and scored 2.083 with dropout 0.1. A larger corpus at the same budget needs none."""
-    ref = recipe.REFERENCE_FLOPS
-    assert recipe.choose(3, 10**6, ref)["model.dropout"] == 0.0
-    assert recipe.choose(10, 10**6, ref)["model.dropout"] == recipe.DROPOUT > 0
-    assert recipe.choose(10, 10**8, ref)["model.dropout"] == 0.0
-    assert recipe.choose(10, None, ref)["model.dropout"] == 0.0  # size unknown: no guess
-    passes = [recipe.epochs(m, 10**6) for m in (1, 3, 10, 30, 100)]
-    assert passes == sorted(passes)
-    assert set(recipe.choose(10, 10**6, ref)) == set(recipe.KEYS)  # a resumed run restores every choice
+def test_a_budget_that_reads_a_small_corpus_many_times_turns_dropout_on_and_stops_early():
+    """Measured on 1 MB: 10 minutes of d=128 without dropout (20 passes) scored worse than 3 minutes (6
+    passes); dropout 0.1 fixed it at 10 minutes and cost 0.10 bits/byte at 3; 30 minutes with dropout
+    (30 passes) was worse again. A corpus 100x larger needs neither at the same budget."""
+    ref, ts_tokens, step = recipe.REFERENCE_FLOPS, 365_176, 32 * 128
+    assert recipe.repetition(3, ref, ts_tokens, step)["model.dropout"] == 0.0
+    assert recipe.repetition(10, ref, ts_tokens, step)["model.dropout"] == recipe.DROPOUT > 0
+    assert recipe.repetition(10, ref, 100 * ts_tokens, step)["model.dropout"] == 0.0
+    # the cap is MAX_EPOCHS passes whatever the budget: more minutes never train past it
+    caps = {recipe.repetition(m, ref, ts_tokens, step)["train.max_steps"] for m in (1, 3, 10, 30, 100)}
+    assert caps == {math.ceil(recipe.MAX_EPOCHS * ts_tokens / step)}
+    # on each side of the switch to the slower d=192, dropout follows that shape's own passes
+    for minutes in (7.9, 8.1, 30):
+        passes = recipe.epochs(minutes, ts_tokens)
+        assert (recipe.repetition(minutes, ref, ts_tokens, step)["model.dropout"] > 0) == (passes > recipe.DROPOUT_AFTER_EPOCHS)
+
+
+def test_a_small_corpus_caps_the_steps_and_a_resumed_run_keeps_dropout(tmp_path, shared, monkeypatch):
+    """The quickstart applies the repetition rule once the corpus is tokenized, says so, stops at the
+    cap, and a resumed run takes dropout and the cap back from its config, whatever the speed is now."""
+    from scratchlm.config import load_config
+    from scratchlm.quickstart import run_quickstart
+    out = tmp_path / "qs"
+    sets = ["model.context_length=32", "train.batch_size=8", "train.eval_every=0", "eval.mc_limit=10",
+            "train.checkpoint_every=2", "train.compile=false"]
+    monkeypatch.setattr(recipe, "matmul_speed", lambda *a, **k: 1e11)  # ~1/4 of the reference: the d=128 shape
+    monkeypatch.setattr(recipe, "MAX_EPOCHS", 0.01)  # a cap of a few steps, so the test is short
+    logs = []
+    run_quickstart(str(shared / "the-verdict.txt"), minutes=5, out=str(out), overrides=sets, log=logs.append)
+    res = json.loads((out / "results.json").read_text())
+    train_tokens = json.loads((out / "data" / "index.json").read_text())["splits"]["train"]["tokens"]
+    chosen = res["settings_chosen"]
+    assert chosen["model.d_model"] == 128 and chosen["model.dropout"] == recipe.DROPOUT  # ~1.2 min, 20 kB: many passes
+    assert chosen["train.max_steps"] == math.ceil(0.01 * train_tokens / (8 * 32))
+    assert res["train"]["steps"] == chosen["train.max_steps"]  # stopped by the cap, long before 5 minutes
+    assert any("training tokens ~" in m and "model.dropout=0.1" in m for m in logs)
+    (out / "report.md").unlink()  # as if it had been killed before the end
+    monkeypatch.setattr(recipe, "matmul_speed", lambda *a, **k: 1e6)  # now "very slow": no dropout if chosen anew
+    assert recipe.repetition(5, 1e6, train_tokens, 8 * 32)["model.dropout"] == 0.0
+    logs = []
+    run_quickstart(str(shared / "the-verdict.txt"), minutes=5, out=str(out), overrides=sets, log=logs.append)
+    assert any("resuming with the settings" in m for m in logs)
+    saved = load_config(out / "config.toml")
+    assert saved.model.dropout == recipe.DROPOUT and saved.train.max_steps == chosen["train.max_steps"]

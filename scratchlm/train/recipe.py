@@ -11,7 +11,8 @@ runs (experiments/sweep.py; the tables are in the README, "The best model per CP
    minutes: the next); the largest shape only far beyond them, as an extrapolation of
    compute-optimal scaling (N grows with compute) that no run here has checked.
 3. Repetition. A budget that reads a small corpus many times over needs regularisation: dropout
-   when the chosen model would read the text more than ~8 times.
+   when the chosen model would read the training tokens more than ~10 times, and no more than 12
+   passes at all (the quickstart stops there: more time only made the model worse).
 4. Vocabulary. A BPE vocabulary too large for the corpus spends its merges on rare words and
    names, whose embeddings see few updates and which held-out text rarely contains: on 1 MB of
    Shakespeare 1,024 tokens beat 4,096 by ~0.15 bits/byte on the held-out plays. The size grows with
@@ -31,29 +32,37 @@ import time
 
 import torch
 
-# The sweep's machine: its bf16 1024x1024 matmul speed, measured by `matmul_speed` (2 cores, AVX-512).
-REFERENCE_FLOPS = 3.4e11
+# The sweep's machine: its bf16 1024x1024 matmul speed as `matmul_speed` measures it (best of 5; the
+# sweep's runs read 364-424 GFLOP/s, median ~400; 2 cores, AVX-512).
+REFERENCE_FLOPS = 4.0e11
 
-# Model shapes, smallest first, each used from `minutes` reference minutes up, with the text one
-# reference minute reads at that size (bytes; measured with 1,024 BPE tokens, ~2.6 bytes per token).
+# Model shapes, smallest first, each used from `minutes` reference minutes up, with the tokens one
+# reference minute trains at that size (measured: 7.3M tokens in 10 minutes at d=128, 4.5M at d=192).
 # Measured (held-out bits/byte, README "The best model per CPU-minute"): at 1 and 3 minutes the d=128
 # shape won or tied (Tiny Shakespeare: d=192 +0.012 and +0.009; 256x6 +0.39; KJV 3 min: d=192 +0.098);
-# at 10 minutes d=192 won on the KJV (-0.017) and tied on Tiny Shakespeare (-0.004, both with dropout).
-# The switch sits between those budgets, above the default 6 minutes. d=256 is an extrapolation (bigger
-# models win with more compute, as in compute-optimal scaling) that no run here has checked.
+# at 10 minutes d=192 was ahead on the KJV (-0.017, one run each) and level on Tiny Shakespeare (-0.004,
+# both with dropout). The switch sits between those budgets, above the default 6 minutes: untested
+# between 3 and 10. d=256 is an extrapolation (bigger models win with more compute, as in
+# compute-optimal scaling) that no run here has checked.
 SIZES: list[tuple[float, dict, float]] = [
-    (0.0, {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384}, 1.9e6),     # 1.0M params with 1,024 tokens
-    (8.0, {"d_model": 192, "n_layers": 4, "n_heads": 6, "d_ff": 512}, 1.2e6),     # 2.0M
-    (60.0, {"d_model": 256, "n_layers": 6, "n_heads": 8, "d_ff": 704}, 0.45e6),   # 5.1M (extrapolated)
+    (0.0, {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384}, 0.73e6),    # 1.0M params with 1,024 tokens
+    (8.0, {"d_model": 192, "n_layers": 4, "n_heads": 6, "d_ff": 512}, 0.45e6),    # 2.0M
+    (60.0, {"d_model": 256, "n_layers": 6, "n_heads": 8, "d_ff": 704}, 0.2e6),    # 5.1M (extrapolated)
 ]
 
-# Data repetition. A budget that reads a small corpus many times overfits: the d=128 model trained 10
-# minutes on Tiny Shakespeare (~19 passes over its 1 MB) scored 2.131 held-out bits/byte, worse than
-# 3 minutes (~6 passes) gave. Dropout 0.1 took the same 10 minutes to 2.083 (d=192: 2.079), although it
-# costs ~1/3 of the speed on a CPU (random masks); at 3 minutes it cost 0.10 (2.185). Beyond this many
-# passes, between the two measured, the recipe turns it on.
-DROPOUT_AFTER_EPOCHS = 8.0
+# Data repetition. A budget that reads a small corpus many times overfits. On Tiny Shakespeare (1 MB,
+# 365k training tokens at 1,024 BPE tokens), held-out bits/byte:
+#   d=128, 3 min:  5.7 passes 2.088 (3 runs);   with dropout 0.1, 4.8 passes: 2.185
+#   d=128, 10 min: 20 passes 2.131;             with dropout 0.1, 13.6 passes: 2.083
+#   d=192 + dropout 0.1: 10 min, 8.3 passes 2.079; 30 min, 30 passes 2.125
+# Dropout costs ~1/5 of the speed on a CPU (random masks), so it pays only where repetition hurts more
+# than the lost steps: between ~6 passes (it lost) and ~20 (it won); 10 is a guess between them. And
+# past some point more passes hurt even with dropout: the quickstart stops at MAX_EPOCHS (a guess
+# between 13.6, still good, and 30, worse), leaving the rest of the budget unused.
+DROPOUT_AFTER_EPOCHS = 10.0
 DROPOUT = 0.1
+MAX_EPOCHS = 12.0
+
 
 def vocab_for(corpus_bytes: int | None) -> int:
     """1,024 tokens for 1 MB of text, x2 for every 4x more text, a power of two in [512, 8192].
@@ -76,15 +85,25 @@ def _size_row(reference_minutes: float) -> tuple[float, dict, float]:
     return [row for row in SIZES if reference_minutes >= row[0]][-1] if reference_minutes >= 0 else SIZES[0]
 
 
-def epochs(reference_minutes: float, corpus_bytes: int | None) -> float | None:
-    """How many times the chosen shape reads the corpus in the budget (None: size unknown).
+def epochs(reference_minutes: float, train_tokens: int) -> float:
+    """How many times the shape chosen for this budget reads `train_tokens` in it.
 
-    >>> round(epochs(3, 1_000_000), 1), round(epochs(10, 1_000_000), 1), epochs(10, None)
-    (5.7, 12.0, None)
+    >>> round(epochs(3, 365_176), 1), round(epochs(10, 365_176), 1)  # Tiny Shakespeare at 1,024 tokens
+    (6.0, 12.3)
     """
-    if not corpus_bytes:
-        return None
-    return reference_minutes * _size_row(reference_minutes)[2] / corpus_bytes
+    return reference_minutes * _size_row(reference_minutes)[2] / max(train_tokens, 1)
+
+
+def repetition(minutes: float, flops: float, train_tokens: int, tokens_per_step: int) -> dict[str, object]:
+    """Dropout and a step cap for the number of passes over the training tokens (the tokens exist
+    only after the tokenizer has run, so this comes after `choose`).
+
+    >>> repetition(3, REFERENCE_FLOPS, 365_176, 4096), repetition(10, REFERENCE_FLOPS, 365_176, 4096)
+    ({'model.dropout': 0.0, 'train.max_steps': 1070}, {'model.dropout': 0.1, 'train.max_steps': 1070})
+    """
+    passes = epochs(minutes * flops / REFERENCE_FLOPS, train_tokens)
+    return {"model.dropout": DROPOUT if passes > DROPOUT_AFTER_EPOCHS else 0.0,
+            "train.max_steps": max(1, math.ceil(MAX_EPOCHS * train_tokens / tokens_per_step))}
 
 
 def matmul_speed(device: torch.device | str = "cpu", n: int = 1024, repeats: int = 5) -> float:
@@ -105,25 +124,23 @@ def matmul_speed(device: torch.device | str = "cpu", n: int = 1024, repeats: int
     return max(speeds)
 
 
-# Every key `choose` sets: what a resumed run takes back from the config it started with.
+# Every key the recipe sets: what a resumed run takes back from the config it started with.
 KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.dropout",
-        "tokenizer.vocab_size", "train.compile")
+        "tokenizer.vocab_size", "train.compile", "train.max_steps")
 
 
 def choose(minutes: float, corpus_bytes: int | None, flops: float) -> dict[str, object]:
     """Settings ("section.key" -> value) for a budget of `minutes` on a machine doing `flops` bf16
-    FLOP/s, for a corpus of `corpus_bytes` (None: unknown).
+    FLOP/s, for a corpus of `corpus_bytes` (None: unknown). `repetition` adds the rest once the
+    corpus is tokenized.
 
-    >>> choose(3, 1_000_000, REFERENCE_FLOPS)["model.dropout"], choose(10, 1_000_000, REFERENCE_FLOPS)["model.dropout"]
-    (0.0, 0.1)
+    >>> choose(3, 1_000_000, REFERENCE_FLOPS)["model.d_model"], choose(30, 1_000_000, REFERENCE_FLOPS)["model.d_model"]
+    (128, 192)
     """
     reference_minutes = minutes * flops / REFERENCE_FLOPS
     settings: dict[str, object] = {f"model.{k}": v for k, v in size_for(reference_minutes).items()}
-    passes = epochs(reference_minutes, corpus_bytes)
-    settings["model.dropout"] = DROPOUT if passes is not None and passes > DROPOUT_AFTER_EPOCHS else 0.0
     settings["tokenizer.vocab_size"] = vocab_for(corpus_bytes)
     settings["train.compile"] = minutes >= 2.0
-    assert set(settings) == set(KEYS)
     return settings
 
 
