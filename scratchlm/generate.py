@@ -2,7 +2,9 @@
 
 One step: run the model, take the logits of the last position, turn them into a distribution
 (temperature, top-k, top-p), pick a token, append it. With the KV cache the model only processes
-the new token; without it, the whole sequence again (same result, the tests check).
+the new token; without it, the whole sequence again (same result, the tests check). When every row
+sits at the same position (one prompt, or prompts of one length) each new token goes through
+model/decode.py's lean step: GPT.forward's numbers, bit for bit, in fewer PyTorch operations.
 
 Prompts of different lengths are left-padded; padded keys are masked out and positions start at
 0 at each row's first real token, so every row gets exactly what it would get alone.
