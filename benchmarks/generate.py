@@ -46,15 +46,17 @@ def _contenders(s: dict, prompt: torch.Tensor, workdir: Path) -> dict:
         with torch.inference_mode():
             r.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
 
-    def our_gen(model):
-        return lambda n: generate_ids(model, rows, SamplingConfig(max_new_tokens=n, temperature=0))
+    def our_gen(model, lean=True):
+        return lambda n: generate_ids(model, rows, SamplingConfig(max_new_tokens=n, temperature=0), lean=lean)
 
     gens = {"HF generate, bf16 weights": (hf_gen, decode_bytes_per_token(m)),
             "ours, bf16 weights, plain F.linear": (our_gen(m), decode_bytes_per_token(m)),
+            "ours, bf16 weights, packed, GPT.forward per step": (our_gen(packed, lean=False),
+                                                                 decode_bytes_per_token(packed)),
             "ours, bf16 weights, packed (--quantize bf16)": (our_gen(packed), decode_bytes_per_token(packed)),
             "ours, int8 weights (--quantize int8)": (our_gen(q), decode_bytes_per_token(q))}
     if len(rows) > 1:  # the batched tables keep to the settings a user runs
-        del gens["ours, bf16 weights, plain F.linear"]
+        del gens["ours, bf16 weights, plain F.linear"], gens["ours, bf16 weights, packed, GPT.forward per step"]
     if len(rows) == 1 and llamacpp.unavailable() is None:  # its Python API decodes one sequence
         gens.update(llamacpp.contenders(m, rows[0], torch.get_num_threads(), workdir))
     return gens
@@ -80,7 +82,9 @@ def run() -> str:
             "by llama.cpp's own quantizer (`llama_model_quantize`) to bf16 and to q8_0 (its 8-bit format, 8.5 "
             "bits/weight), same thread count, default settings otherwise; batch 1 only (llama-cpp-python's "
             "`Llama` decodes one sequence). 'packed': every Linear's weight reordered once into oneDNN's blocked "
-            "layout (scratchlm/model/packed.py; the same outputs, bit for bit, as plain F.linear, the row above it).\n\n"
+            "layout (scratchlm/model/packed.py; the same outputs, bit for bit, as plain F.linear). Each decoding step "
+            "runs model/decode.py's lean step (the same logits, bit for bit, in fewer PyTorch operations), except "
+            "in the 'GPT.forward per step' row.\n\n"
             + md_table(["batch", "implementation", "tokens/s", "weight MB/step", "weights GB/s",
                         "of bandwidth", "vs HF bf16"], rows))
 

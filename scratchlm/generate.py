@@ -2,7 +2,9 @@
 
 One step: run the model, take the logits of the last position, turn them into a distribution
 (temperature, top-k, top-p), pick a token, append it. With the KV cache the model only processes
-the new token; without it, the whole sequence again (same result, the tests check).
+the new token; without it, the whole sequence again (same result, the tests check). When every row
+sits at the same position (one prompt, or prompts of one length) each new token goes through
+model/decode.py's lean step: GPT.forward's numbers, bit for bit, in fewer PyTorch operations.
 
 Prompts of different lengths are left-padded; padded keys are masked out and positions start at
 0 at each row's first real token, so every row gets exactly what it would get alone.
@@ -24,6 +26,7 @@ from typing import Callable
 import torch
 
 from scratchlm.errors import UserError
+from scratchlm.model.decode import Decoder
 from scratchlm.model.gpt import GPT
 
 
@@ -85,9 +88,10 @@ def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
 def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
                  on_token: Callable[[int, int], None] | None = None,
                  stop_check: Callable[[int, list[int]], bool] | None = None,
-                 truncate_prompt: bool = False, vocab_size: int | None = None) -> list[list[int]]:
+                 truncate_prompt: bool = False, vocab_size: int | None = None, lean: bool = True) -> list[list[int]]:
     """Generate continuations for a batch of token-id prompts; returns the new ids per prompt.
-    vocab_size: the tokenizer's, when the model's output is padded wider."""
+    vocab_size: the tokenizer's, when the model's output is padded wider. lean=False decodes with
+    GPT.forward instead of model/decode.py's Decoder (the same tokens; for tests and benchmarks)."""
     model.eval()
     ctx = model.cfg.context_length
     V = model.cfg.vocab_size
@@ -107,14 +111,18 @@ def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
     cache = None
     valid = positions = None
     padded = False
+    decoder = None
     for _ in range(cfg.max_new_tokens):
         if cfg.use_cache and cache is not None and cache.pos < ctx:
             # One new token per row. Nothing is built per token that can be kept: the ids are the
             # sampled tensor itself, the key mask a view of a buffer filled once per (re)fill, and
             # an unpadded batch needs no mask at all (a single query sees every cached key).
-            positions = positions[:, -1:] + 1
-            mask = valid_buf[:, None, None, :cache.pos + 1] if padded else None
-            logits, _ = model(nxt_ids.view(-1, 1), positions=positions, mask=mask, cache=cache)
+            if decoder is not None:  # rows side by side at one position: the lean step, same numbers
+                logits = decoder.step(nxt_ids.view(-1, 1))
+            else:
+                positions = positions[:, -1:] + 1
+                mask = valid_buf[:, None, None, :cache.pos + 1] if padded else None
+                logits, _ = model(nxt_ids.view(-1, 1), positions=positions, mask=mask, cache=cache)
         else:  # first step, no cache, or the window is full: (re)process the recent context
             seqs = [s[-keep:] if len(s) > ctx else s for s in seqs]
             ids, positions, valid = _batch_inputs(seqs, device)
@@ -123,6 +131,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
             valid_buf = torch.ones(len(seqs), ctx, dtype=torch.bool, device=device)
             valid_buf[:, :valid.size(1)] = valid
             logits, _ = model(ids, positions=positions, mask=_prefill_mask(valid), cache=cache)
+            decoder = Decoder(model, cache) if cache is not None and not padded and lean else None
         nxt_ids = sample_next(logits[:, -1, :], cfg, gen, vocab_size)
         nxt = nxt_ids.tolist()
         for i, t in enumerate(nxt):
