@@ -250,11 +250,24 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     """Weights and AdamW state from any checkpoint into any layout: a sharded checkpoint goes
     through DCP, which reshards it to this run's world size (1 process included); a plain one
     loads directly, or, into an FSDP model, as full tensors that each rank slices its shard from."""
+    # Loading an optimizer state also loads the saved run's choice of kernel (fused/foreach) into every
+    # param group: keep this run's own (a checkpoint of an older version would otherwise turn fused off).
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    _load_training_state(model, optimizer, Path(ckpt), sharded_model, strict)
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
+    for opt in (optimizer.muon, optimizer.adamw) if hasattr(optimizer, "adamw") else (optimizer,):
+        for group in opt.param_groups:  # the fused kernel wants its step counts beside the parameters
+            for p in group["params"] if group.get("fused") else ():
+                if "step" in opt.state.get(p, {}):
+                    opt.state[p]["step"] = opt.state[p]["step"].to(device=p.device, dtype=torch.float32)
+
+
+def _load_training_state(model: torch.nn.Module, optimizer, ckpt: Path, sharded_model: bool, strict: bool) -> None:
     import warnings
 
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    ckpt = Path(ckpt)
     if (ckpt / SHARDED).is_dir():
         model_sd, optim_sd = get_state_dict(model, optimizer)
         both = {"model": model_sd, "optimizer": optim_sd}
