@@ -36,7 +36,7 @@ def main(names: list[str]) -> None:
     head = (f"# Benchmark results\n\nMachine: {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}. Regenerate with `make bench`.\n")
     if set(names) >= set(ALL):
-        head += (f"\nEvery table below comes from one run of `make bench` ({time.strftime('%Y-%m-%d %H:%M')} UTC, "
+        head += (f"\nEvery table below comes from one run of `make bench` ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
                  f"{(time.time() - t_all) / 60:.0f} minutes), so each fraction of a limit divides by the limits "
                  "measured in that same run.")
     else:

@@ -1,8 +1,7 @@
 """Held-out bits/byte against model size, one line per corpus and time budget (the README's figure).
 
     python experiments/plot.py experiments/results/sweep.jsonl --out experiments/results/size_vs_budget.svg \\
-        --tag size1 --tag size-wsd --tag final --tag kjv --tag recipe10 --tag drop --tag kjv10 \\
-        --skip tokenizer.vocab_size=512
+        --tag size1 --tag final --tag kjv --tag recipe10 --tag drop --tag kjv10 --tag size3 --tag drop30
 
 Each point is the mean of the runs with the same corpus, budget and settings (the run count is
 printed beside points with more than one). Dropout runs get their own dashed line: at a budget that
