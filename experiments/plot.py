@@ -1,7 +1,7 @@
 """Held-out bits/byte against model size, one line per corpus and time budget (the README's figure).
 
     python experiments/plot.py experiments/results/sweep.jsonl --out experiments/results/size_vs_budget.svg \\
-        --tag size1 --tag final --tag kjv --tag recipe10 --tag drop --tag kjv10 --tag size3 --tag drop30
+        --tag size1 --tag final --tag kjv --tag recipe10 --tag drop --tag kjv10 --tag size3 --tag drop30 --tag recipe30
 
 Each point is the mean of the runs with the same corpus, budget and settings (the run count is
 printed beside points with more than one). Dropout runs get their own dashed line: at a budget that
@@ -17,10 +17,12 @@ import statistics
 from collections import defaultdict
 
 
-def series_key(row: dict) -> tuple[str, float, float]:
-    dropout = next((float(s.split("=")[1]) for s in row["settings"] if s.startswith("model.dropout=")), 0.0)
+def series_key(row: dict) -> tuple[str, float, float, bool]:
+    dropout = next((float(s.split("=")[1]) for s in row["settings"] if s.startswith("model.dropout=")),
+                   (row.get("recipe") or {}).get("model.dropout", 0.0))  # set by hand, or chosen by the recipe
     corpus = "KJV (built-in)" if row["corpus"] == "builtin" else "Tiny Shakespeare"
-    return corpus, row["minutes"], dropout
+    capped = "train.max_steps" in (row.get("recipe") or {})  # stopped early by the repetition rule
+    return corpus, row["minutes"], dropout, capped
 
 
 def main() -> None:
@@ -43,12 +45,13 @@ def main() -> None:
     corpora = sorted({k[0] for k in points})
     fig, axes = plt.subplots(1, len(corpora), figsize=(5.2 * len(corpora), 4.2), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
-        for (c, minutes, dropout), by_size in sorted(points.items()):
+        for (c, minutes, dropout, capped), by_size in sorted(points.items()):
             if c != corpus:
                 continue
             sizes = sorted(by_size)
             means = [statistics.mean(by_size[s]) for s in sizes]
-            label = f"{minutes:g} min" + (f", dropout {dropout:g}" if dropout else "")
+            label = (f"{minutes:g} min" + (f", dropout {dropout:g}" if dropout else "")
+                     + (", stopped at 12 passes" if capped else ""))
             line, = ax.plot(sizes, means, marker="o", linestyle="--" if dropout else "-", label=label)
             for s, m in zip(sizes, means):
                 if len(by_size[s]) > 1:
