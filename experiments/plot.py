@@ -21,7 +21,8 @@ def series_key(row: dict) -> tuple[str, float, float, bool]:
     dropout = next((float(s.split("=")[1]) for s in row["settings"] if s.startswith("model.dropout=")),
                    (row.get("recipe") or {}).get("model.dropout", 0.0))  # set by hand, or chosen by the recipe
     corpus = "KJV (built-in)" if row["corpus"] == "builtin" else "Tiny Shakespeare"
-    capped = "train.max_steps" in (row.get("recipe") or {})  # stopped early by the repetition rule
+    cap = (row.get("recipe") or {}).get("train.max_steps")
+    capped = cap is not None and row["steps"] >= cap  # the repetition rule's cap stopped it before the clock did
     return corpus, row["minutes"], dropout, capped
 
 
@@ -36,12 +37,15 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(a.results) if line.strip()]
+    try:
+        rows = [json.loads(line) for line in open(a.results) if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"cannot read {a.results}: {e} (give the JSONL file experiments/sweep.py --results wrote)")
     rows = [r for r in rows if (not a.tag or r["tag"] in a.tag) and not set(a.skip) & set(r["settings"])]
     # mean over repeats of one setting, then one line per (corpus, minutes, dropout)
     points: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        points[series_key(r)][r["params_m"]].append(r.get("heldout_bpb", r["val_bpb"]))
+        points[series_key(r)][r["params_m"]].append(r.get("heldout_bpb") or r["val_bpb"])
     corpora = sorted({k[0] for k in points})
     fig, axes = plt.subplots(1, len(corpora), figsize=(5.2 * len(corpora), 4.2), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):

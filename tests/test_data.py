@@ -137,6 +137,10 @@ def test_prepare_shards_index_and_refuses_overwrite(tiny_dataset):
     train, val = load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
     assert len(train) == index["splits"]["train"]["tokens"] and len(val) > 0
     assert int((np.asarray(train) == index["eot_id"]).sum()) == index["splits"]["train"]["documents"]
+    # each document's ids (prepare encodes to arrays) are what the tokenizer's own encode gives for its text
+    tok, val_ids = Tokenizer.load(tiny_dataset / "tokenizer"), np.asarray(val)
+    docs = np.split(val_ids, np.flatnonzero(val_ids == index["eot_id"]) + 1)[:-1]
+    assert docs and all(tok.encode(tok.decode(d[:-1].tolist())) == d[:-1].tolist() for d in docs)
     with pytest.raises(UserError, match="already holds"):
         prepare(DataConfig(corpus="x"), TokenizerConfig(), tiny_dataset, log=lambda *_: None)
 

@@ -274,8 +274,10 @@ def _prepare(data: DataConfig, tokenizer: TokenizerConfig, out: Path, *, seed: i
         writers = {"train": ShardWriter(tmp, "train", dtype, tok.eot_id, data.shard_tokens),
                    "val": ShardWriter(tmp, "val", dtype, tok.eot_id, data.shard_tokens)}
         nbytes = {"train": 0, "val": 0}
+        # ids as arrays where the tokenizer can (BPE): no Python int per token, so its threads overlap
+        encode = getattr(tok, "encode_batch_arrays", tok.encode_batch)
         for batch in batched(zip(units(), is_val), BATCH_CHARS, lambda u: len(u[0])):
-            for (text, v), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
+            for (text, v), ids in zip(batch, encode([text for text, _ in batch])):
                 split = "val" if v else "train"
                 writers[split].add(ids)
                 nbytes[split] += len(text.encode("utf-8"))

@@ -45,8 +45,9 @@ class ShardWriter:
         self._buf_len = 0
         self._max = np.iinfo(dtype).max
 
-    def add(self, ids: list[int]) -> None:
-        arr = np.asarray(ids + [self.eot], dtype=np.int64)
+    def add(self, ids: list[int] | np.ndarray) -> None:
+        arr = np.empty(len(ids) + 1, dtype=np.int64)  # the document's ids, then its end-of-text token
+        arr[:-1], arr[-1] = ids, self.eot
         if len(arr) and (arr.max() > self._max or arr.min() < 0):
             raise UserError(f"token id {int(arr.max())} does not fit the shard dtype {self.dtype.name}")
         self.doc_offsets.append(self.tokens)
