@@ -275,10 +275,12 @@ def test_n_and_seed(server, client):
 # --- queue limits, disconnects, keys ---------------------------------------------------------------------
 @pytest.fixture
 def slow_server():
-    """One slot and one waiting place, and a model slowed to 30 ms a step, so requests overlap for sure."""
+    """One slot and one waiting place, and an engine slowed to 30 ms a step, so requests overlap for sure."""
     model, tok = trained_model()
-    hook = model.register_forward_pre_hook(lambda *_: time.sleep(0.03))
-    engine = Engine(model, tok, max_batch=1, max_queue=1).start()
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    step = engine.step
+    engine.step = lambda: time.sleep(0.03) or step()  # (decode steps skip GPT.forward: a model hook would miss them)
+    engine.start()
     app = create_app(engine, ChatFormat.for_checkpoint(tok, {}), "tiny", api_key="sekret",
                      limits=Limits(disconnect_poll_s=0.1))
     try:
@@ -286,7 +288,6 @@ def slow_server():
             yield url, engine
     finally:
         engine.shutdown()
-        hook.remove()
 
 
 def wait_for(cond, timeout=10.0):

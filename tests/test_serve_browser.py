@@ -19,8 +19,10 @@ def test_chat_page_two_turns_streaming_and_stop():
     from playwright.sync_api import sync_playwright
     assert shutil.which("chromium"), "no chromium: run `make test` (installs it) or apt-get install chromium"
     model, tok = trained_model()
-    hook = model.register_forward_pre_hook(lambda *_: time.sleep(0.015))  # slow enough to watch and to stop
-    engine = Engine(model, tok, max_batch=2, max_queue=4).start()
+    engine = Engine(model, tok, max_batch=2, max_queue=4)
+    step = engine.step
+    engine.step = lambda: time.sleep(0.015) or step()  # slow enough to watch and to stop
+    engine.start()
     fmt = ChatFormat.for_checkpoint(tok, {})
     try:
         with running_server(create_app(engine, fmt, "tiny")) as url, sync_playwright() as pw:
@@ -59,7 +61,6 @@ def test_chat_page_two_turns_streaming_and_stop():
             browser.close()
     finally:
         engine.shutdown()
-        hook.remove()
 
 
 def _greedy(engine: Engine, fmt: ChatFormat, messages: list[dict], max_tokens: int) -> str:

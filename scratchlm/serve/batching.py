@@ -3,14 +3,16 @@
 One thread owns the model. Each loop iteration it
   1. admits waiting requests into free *slots* (rows of one preallocated KV cache) and prefills each
      prompt on its own, which gives the request its first token;
-  2. runs one decode step for every running request together: a (rows, 1) batch of their last tokens;
+  2. runs one decode step for every running request together: a (rows, 1) batch of their last tokens,
+     through model/decode.py's lean step (the same logits as GPT.forward, in fewer operations);
   3. samples each row with its own settings, turns tokens into text (`TextStream`), and retires the
      rows that finished or whose client went away, so their slots take new requests at once.
 
 Rows join and leave at different times, so each slot keeps its own length: a row's prompt sits at cache
 positions 0..T-1 of its slot, its position ids count from 0, and the attention mask of a decode step lets
-row b see keys 0..length[b] only. A row therefore computes exactly what it would compute alone (the tests
-check batched greedy text against unbatched `generate_ids`).
+row b see keys 0..length[b] only (no mask when every row is at one length: a lone row always is). A row
+therefore computes exactly what it would compute alone (the tests check batched greedy text against
+unbatched `generate_ids`).
 
 The waiting line is bounded: `submit` raises `QueueFull` instead of letting latency grow without limit.
 """
@@ -28,6 +30,7 @@ import torch
 
 from scratchlm.generate import SamplingConfig, sample_next
 from scratchlm.model.attention import KVCache
+from scratchlm.model.decode import Decoder
 from scratchlm.model.gpt import GPT
 from scratchlm.serve.text import TextStream
 
@@ -75,7 +78,9 @@ class _Row:
 class SlotCache(KVCache):
     """A KV cache whose rows (slots) each have their own length. Before each forward pass `select`
     says which slots the batch rows are and where each writes; positions and masks come from the
-    caller, so the model's own `pos` counter stays 0."""
+    caller, so the model's own `pos` counter stays 0. (Decode steps go through Decoder.step_rows,
+    which indexes the same tensors itself; GPT.forward uses this for prefills, and for every step
+    with Engine(lean=False).)"""
 
     def select(self, slots: list[int], starts: list[int]) -> None:
         self.slots, self.starts = slots, starts
@@ -104,7 +109,9 @@ class SlotCache(KVCache):
 class Engine:
     """Batches concurrent generation requests into shared decode steps on one model."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64, lean: bool = True):
+        """lean=False decodes through GPT.forward instead of the lean step (the same tokens; for tests and
+        benchmarks). The model's layers must be final (packed, quantized) before this: the lean step binds them."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.cfg.context_length
@@ -113,6 +120,7 @@ class Engine:
         p = next(model.parameters())
         self.cache = SlotCache(c.n_layers, max_batch, c.kv_heads, c.context_length, c.head_dim,
                                device=self.device, dtype=p.dtype)
+        self.decoder = Decoder(model, self.cache) if lean else None
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
@@ -233,12 +241,15 @@ class Engine:
 
     def _decode(self, rows: list[_Row]) -> None:
         rows.sort(key=lambda r: r.slot)
-        lengths = torch.tensor([r.length for r in rows], device=self.device)
         ids = torch.tensor([[r.last] for r in rows], device=self.device)
-        span = int(lengths.max()) + 1
-        mask = torch.arange(span, device=self.device)[None, :] <= lengths[:, None]   # row b sees 0..length[b]
-        self.cache.select([r.slot for r in rows], lengths.tolist())
-        logits, _ = self.model(ids, positions=lengths[:, None], mask=mask[:, None, None, :], cache=self.cache)
+        slots, lengths = [r.slot for r in rows], [r.length for r in rows]
+        if self.decoder is not None:
+            logits = self.decoder.step_rows(ids, slots, lengths)
+        else:
+            at = torch.tensor(lengths, device=self.device)
+            mask = torch.arange(max(lengths) + 1, device=self.device)[None, :] <= at[:, None]  # row b sees 0..length[b]
+            self.cache.select(slots, lengths)
+            logits, _ = self.model(ids, positions=at[:, None], mask=mask[:, None, None, :], cache=self.cache)
         for r in rows:
             r.length += 1
         self._take(rows, logits[:, -1, :])
