@@ -228,6 +228,24 @@ def test_attention_dropout_on_every_path(path):
     torch.testing.assert_close(draws.mean(0), reference, atol=0.05, rtol=0.1)
 
 
+def test_attn_dropout_zero_keeps_the_residual_dropout_only():
+    """model.attn_dropout=0 with model.dropout>0: attention is deterministic in training (SDPA keeps its
+    fused kernel), the residual branches still drop; -1 means "the same as model.dropout"; out of range refused."""
+    from scratchlm.model.attention import CausalSelfAttention
+    base = dict(vocab_size=10, context_length=8, d_model=16, n_heads=2, d_ff=16, dropout=0.5)
+    x = torch.randn(1, 8, 16)
+    for attn_dropout, varies in ((0.0, False), (-1.0, True)):
+        torch.manual_seed(0)
+        attn = CausalSelfAttention(ModelConfig(**base, attn_dropout=attn_dropout)).train()
+        assert (not torch.equal(attn(x), attn(x))) == varies
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**base, n_layers=1, attn_dropout=0.0)).train()
+    ids = torch.randint(0, 10, (1, 8))
+    assert not torch.equal(m(ids)[0], m(ids)[0])  # the residual dropout is still on
+    with pytest.raises(UserError, match="attn_dropout"):
+        ModelConfig(**base, attn_dropout=1.5).validate()
+
+
 def test_padded_vocabulary_is_never_sampled(small_tokenizer):
     """gpt2-124m has 50,304 outputs for 50,257 tokens: ids past the tokenizer's mean nothing."""
     V = small_tokenizer.vocab_size

@@ -95,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         # several query heads share a key/value head (grouped-query attention: a smaller cache).
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attention_dropout
         self.explicit = cfg.attention == "explicit"
         if cfg.qk_norm:  # one gain per channel of a head, shared by the heads (Qwen 3's q_norm/k_norm)
             self.q_norm, self.k_norm = HeadNorm(cfg.head_dim), HeadNorm(cfg.head_dim)
