@@ -1,7 +1,8 @@
 """Held-out bits/byte against model size, one line per corpus and time budget (the README's figure).
 
     python experiments/plot.py experiments/results/sweep.jsonl --out experiments/results/size_vs_budget.svg \\
-        --tag size1 --tag final --tag kjv --tag recipe10 --tag drop --tag kjv10 --tag size3 --tag drop30 --tag recipe30
+        --tag size1 --tag final6 --tag kjv --tag recipe10 --tag drop --tag kjv10 --tag size3 --tag drop30 \\
+        --tag recipe30 --tag kjv1 --tag default6 --tag kjv30 --tag drop10b
 
 Each point is the mean of the runs with the same corpus, budget and settings (the run count is
 printed beside points with more than one). Dropout runs get their own dashed line: at a budget that
@@ -20,6 +21,8 @@ from collections import defaultdict
 def series_key(row: dict) -> tuple[str, float, float, bool]:
     dropout = next((float(s.split("=")[1]) for s in row["settings"] if s.startswith("model.dropout=")),
                    (row.get("recipe") or {}).get("model.dropout", 0.0))  # set by hand, or chosen by the recipe
+    if dropout and "model.attn_dropout=0.0" in row["settings"]:
+        dropout = -dropout  # on the residual branches only: a line of its own
     corpus = "KJV (built-in)" if row["corpus"] == "builtin" else "Tiny Shakespeare"
     cap = (row.get("recipe") or {}).get("train.max_steps")
     capped = cap is not None and row["steps"] >= cap  # the repetition rule's cap stopped it before the clock did
@@ -54,7 +57,8 @@ def main() -> None:
                 continue
             sizes = sorted(by_size)
             means = [statistics.mean(by_size[s]) for s in sizes]
-            label = (f"{minutes:g} min" + (f", dropout {dropout:g}" if dropout else "")
+            label = (f"{minutes:g} min" + (f", dropout {abs(dropout):g}" if dropout else "")
+                     + (" (residual only)" if dropout < 0 else "")
                      + (", stopped at 12 passes" if capped else ""))
             line, = ax.plot(sizes, means, marker="o", linestyle="--" if dropout else "-", label=label)
             for s, m in zip(sizes, means):

@@ -42,8 +42,9 @@ REFERENCE_FLOPS = 4.0e11
 # shape won or tied (Tiny Shakespeare: d=192 +0.012 and +0.009; 256x6 +0.39; KJV 3 min: d=192 +0.098);
 # at 10 minutes d=192 was ahead on the KJV (-0.017, one run each) and level on Tiny Shakespeare (-0.004,
 # both with dropout). The switch sits between those budgets, above the default 6 minutes: untested
-# between 3 and 10. d=256 is an extrapolation (bigger models win with more compute, as in
-# compute-optimal scaling) that no run here has checked.
+# between 3 and 10. d=256 x 6 was run once, on the KJV at 30 minutes: 1.107 bits/byte against 1.112 for
+# the d=192 this rule picks there (with dropout), level within single-run noise; so its switch at 60
+# reference minutes is not too early, and may be late. On 1 MB of text no size helps past ~10 passes.
 SIZES: list[tuple[float, dict, float]] = [
     (0.0, {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384}, 0.73e6),    # 1.0M params with 1,024 tokens
     (8.0, {"d_model": 192, "n_layers": 4, "n_heads": 6, "d_ff": 512}, 0.45e6),    # 2.0M
@@ -54,8 +55,11 @@ SIZES: list[tuple[float, dict, float]] = [
 # 365k training tokens at 1,024 BPE tokens), held-out bits/byte:
 #   d=128, 3 min:  5.7 passes 2.088 (3 runs);   with dropout 0.1, 4.8 passes: 2.185
 #   d=128, 10 min: 20 passes 2.131;             with dropout 0.1, 13.6 passes: 2.083
-#   d=192 + dropout 0.1: 10 min, 8.3 passes 2.079; 30 min, 30 passes 2.125
-# Dropout costs ~1/5 of the speed on a CPU (random masks), so it pays only where repetition hurts more
+#   d=192 + dropout 0.1: 10 min, 8.3 passes 2.079; 30 min, 30 passes 2.125; stopped at 12 passes: 2.068
+#   d=128, 30 min, stopped at 12 passes, no dropout: 2.128 (the stop alone does not save a long run)
+# Dropout costs 1/5 to 1/3 of the speed on a CPU (attention dropout leaves SDPA's fused kernel:
+# experiments/dropout_speed.py), so the passes estimated here without it overstate what a dropout run
+# reads (the KJV at 30 minutes: 12 estimated, 8.4 read). It pays only where repetition hurts more
 # than the lost steps: between ~6 passes (it lost) and ~20 (it won); 10 is a guess between them. And
 # past some point more passes hurt even with dropout: the quickstart stops at MAX_EPOCHS (a guess
 # between 13.6, still good, and 30, worse), leaving the rest of the budget unused.
