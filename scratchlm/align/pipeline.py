@@ -110,7 +110,7 @@ def align_dpo(cfg: Config, start: str, data: str, ref: str | None = None, resume
     template = _template_of(meta, d.template, start)
     check_tokenizer(tok, template)
     cfg.model = copy.deepcopy(meta["config"].model)  # the policy keeps the starting model's shape
-    cfg.model.dropout = 0.0
+    cfg.model.dropout = cfg.model.attn_dropout = 0.0
     _no_dropout(model)
     ref_path = ref or str(Path(meta["path"]))
     reference = _load_reference(ref_path, tok, "cpu") if ref else copy.deepcopy(model)

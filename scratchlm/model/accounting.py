@@ -163,7 +163,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, precision: str,
     bf16 weight copies at a time.
 
     Counted for eager PyTorch with fused attention (the tests measure it on CPU within 2%).
-    With dropout > 0, CUDA's fused attention still keeps no T×T matrix and that is what we
+    With attention dropout > 0 (cfg.attention_dropout), CUDA's fused attention still keeps no T×T matrix and that is what we
     count; PyTorch's CPU attention then falls back to one that does (~14·heads·T bytes per
     token per layer more)."""
     counts = param_counts(cfg)

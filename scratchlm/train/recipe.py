@@ -53,16 +53,16 @@ SIZES: list[tuple[float, dict, float]] = [
 
 # Data repetition. A budget that reads a small corpus many times overfits. On Tiny Shakespeare (1 MB,
 # 365k training tokens at 1,024 BPE tokens), held-out bits/byte:
-#   d=128, 3 min:  5.7 passes 2.088 (3 runs);   with dropout 0.1, 4.8 passes: 2.185
+#   d=128, 3 min:  5.7 passes 2.088 (3 runs; 2.092 after fused AdamW, 5.1-6.7 passes);   with dropout 0.1, 4.8 passes: 2.185
 #   d=128, 10 min: 20 passes 2.131;             with dropout 0.1, 13.6 passes: 2.083
 #   d=192 + dropout 0.1: 10 min, 8.3 passes 2.079; 30 min, 30 passes 2.125; stopped at 12 passes: 2.068
 #   d=128, 30 min, stopped at 12 passes, no dropout: 2.128 (the stop alone does not save a long run)
 #   d=192, 10 min: dropout 0.1 2.079 (8.3 passes); on the residual branches only (model.attn_dropout=0,
-#   1.4x faster) 2.093 (11.4 passes); none 2.121 (stopped at 12): attention dropout earns its cost
+#   1.3x faster) 2.093 (11.4 passes); none 2.121 (stopped at 12): dropout pays; the two kinds are level
 # Dropout costs 1/5 to 1/3 of the speed on a CPU (attention dropout leaves SDPA's fused kernel:
 # experiments/dropout_speed.py), so the passes estimated here without it overstate what a dropout run
 # reads (the KJV at 30 minutes: 12 estimated, 8.4 read). It pays only where repetition hurts more
-# than the lost steps: between ~6 passes (it lost) and ~20 (it won); 10 is a guess between them. And
+# than the lost steps: between ~5 passes (it lost) and ~20 (it won); 10 is a guess between them. And
 # past some point more passes hurt even with dropout: the quickstart stops at MAX_EPOCHS (a guess
 # between 13.6, still good, and 30, worse), leaving the rest of the budget unused.
 DROPOUT_AFTER_EPOCHS = 10.0
