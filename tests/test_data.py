@@ -145,6 +145,22 @@ def test_prepare_shards_index_and_refuses_overwrite(tiny_dataset):
         prepare(DataConfig(corpus="x"), TokenizerConfig(), tiny_dataset, log=lambda *_: None)
 
 
+def test_prepare_writes_the_same_shards_from_id_arrays_as_from_lists(tmp_path, shared, monkeypatch):
+    """prepare encodes to arrays where the tokenizer can; the shards must be byte for byte those of the
+    list path (and the array path must actually be taken)."""
+    calls = []
+    arrays = Tokenizer.encode_batch_arrays
+    monkeypatch.setattr(Tokenizer, "encode_batch_arrays", lambda self, texts: calls.append(1) or arrays(self, texts))
+    cfg = DataConfig(corpus=str(shared / "the-verdict.txt"), shard_tokens=2000)
+    prepare(cfg, TokenizerConfig(vocab_size=300), tmp_path / "arrays", log=lambda *_: None)
+    assert calls
+    monkeypatch.delattr(Tokenizer, "encode_batch_arrays")
+    prepare(cfg, TokenizerConfig(vocab_size=300), tmp_path / "lists", log=lambda *_: None)
+    shards = sorted(p.name for p in (tmp_path / "arrays").glob("*.bin"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "lists").glob("*.bin"))
+    assert all((tmp_path / "arrays" / n).read_bytes() == (tmp_path / "lists" / n).read_bytes() for n in shards)
+
+
 def test_truncated_shard_detected(tiny_dataset, tmp_path):
     import shutil
     copy = tmp_path / "copy"

@@ -102,8 +102,8 @@ class Decoder:
         elif c.pos_encoding == "sinusoidal":
             x = x + m.pos_table[pos]
         else:
-            at = pos if isinstance(pos, int) else pos[:, :, None]    # per-row angles broadcast over the heads
-            rope = m.rope_cos[at], m.rope_sin[at]                    # (d/2,) or (B, 1, 1, d/2) each
+            p = pos if isinstance(pos, int) else pos[:, :, None]     # per-row angles broadcast over the heads
+            rope = m.rope_cos[p], m.rope_sin[p]                      # (d/2,) or (B, 1, 1, d/2) each
         for attn_norm, qkv, out, ffn_norm, up, gate, down, qk_norm, k_cache, v_cache in self.layers:
             # One token: (B, 1, (H + 2 Hkv) d) is already laid out as (B, heads, 1, d); no transposes.
             heads = qkv(attn_norm(x)).view(B, H + 2 * Hkv, 1, d)
