@@ -351,10 +351,8 @@ def test_terminal_chat_keeps_history_and_survives_a_conversation_longer_than_the
     assert history[0]["content"] == "Once upon"
 
 
-def test_scratchlm_chat_cli_on_a_checkpoint(tmp_path, monkeypatch, capsys):
-    import io
-
-    from scratchlm.cli import main
+def _checkpoint(tmp_path) -> str:
+    """The trained tiny model saved as a chat-template (sft) run, as the CLI loads it."""
     from scratchlm.config import Config, to_dict
     from scratchlm.train import checkpoint as ckpt
     model, tok = trained_model()
@@ -365,8 +363,83 @@ def test_scratchlm_chat_cli_on_a_checkpoint(tmp_path, monkeypatch, capsys):
     ckpt.save_checkpoint(run / "checkpoints", 1, model, None,
                          {"config": to_dict(cfg), "tokenizer_fingerprint": tok.fingerprint,
                           "task": {"kind": "sft", "template": "chat"}})
+    return str(run)
+
+
+def _record_step_threads(monkeypatch) -> list[threading.Thread]:
+    threads: list[threading.Thread] = []
+    step = Engine.step
+
+    def recording(self):
+        threads.append(threading.current_thread())
+        return step(self)
+    monkeypatch.setattr(Engine, "step", recording)
+    return threads
+
+
+def test_scratchlm_chat_cli_on_a_checkpoint(tmp_path, monkeypatch, capsys):
+    import io
+
+    from scratchlm.cli import main
+    run = _checkpoint(tmp_path)
+    threads = _record_step_threads(monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("Once upon\nand then?\n"))
-    assert main(["chat", "--ckpt", str(run), "--greedy", "--max-tokens", "12", "--device", "cpu"]) == 0
+    assert main(["chat", "--ckpt", run, "--greedy", "--max-tokens", "12", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "chat-template model" in out and out.count("bot> ") == 2
+    # the steps ran here, on the thread that loaded the model (a second thread decodes ~40% slower on a CPU)
+    assert threads and set(threads) == {threading.current_thread()}
     assert main(["chat", "--ckpt", str(tmp_path / "missing")]) == 2
+
+
+def test_scratchlm_serve_decodes_on_the_main_thread_and_stops_on_sigterm(tmp_path, monkeypatch):
+    """`serve` end to end: the OpenAI client gets the same greedy text the engine makes alone, every decode step
+    runs on the main thread (the thread that loaded the model; a second one decodes ~40% slower on a CPU),
+    `kill` stops it cleanly and frees the port, and a port in use is a one-line error before any loading."""
+    import os
+    import signal
+    import socket
+
+    from scratchlm.errors import UserError
+    from scratchlm.serve.api import serve
+    assert threading.current_thread() is threading.main_thread()
+    run = _checkpoint(tmp_path)
+    model, tok = trained_model()
+    threads = _record_step_threads(monkeypatch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    got: dict = {}
+
+    def client() -> None:
+        try:
+            url = f"http://127.0.0.1:{port}"
+            t = time.time()
+            while time.time() - t < 30:
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=5)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+            got["text"] = c.completions.create(model="run", prompt="Once upon", max_tokens=12, temperature=0,
+                                                 ).choices[0].text
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill` sends; serve turns it into a clean stop
+
+    asker = threading.Thread(target=client)
+    asker.start()
+    serve(run, port=port, device="cpu")  # returns once the client's SIGTERM arrives
+    asker.join()
+    ref = generate_ids(model, [tok.encode("Once upon")], SamplingConfig(max_new_tokens=12, temperature=0))[0]
+    assert got["text"] == tok.decode(ref)
+    assert threads and set(threads) == {threading.main_thread()}
+    assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler  # serve put the old handler back
+    with pytest.raises(ConnectionRefusedError):  # nothing listens any more
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    with socket.socket() as s:  # something else takes the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the client's TIME_WAIT connections
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(str(tmp_path / "never-loaded"), port=port)

@@ -15,6 +15,16 @@ therefore computes exactly what it would compute alone (the tests check batched 
 unbatched `generate_ids`).
 
 The waiting line is bounded: `submit` raises `QueueFull` instead of letting latency grow without limit.
+
+Which thread runs the loop matters for speed on a CPU. PyTorch's parallel operations run on OpenMP, and
+GNU OpenMP gives every thread that starts parallel work a team of worker threads of its own. Once the
+main thread has done any (loading the model does) and a second thread decodes, it manages twice as many
+threads as there are cores and stops letting idle workers spin: every small parallel operation then waits
+for a worker to wake from sleep. Decoding ran ~40% slower on a second thread than on the main one
+(the small shape, bf16, batch 1: 140-165 against 240-265 tokens/s in one process). So `scratchlm serve`
+runs the loop on its main thread (`run`) and the HTTP server on another, and the terminal chat lets
+`stream` drive the steps on the calling thread. `start` (a thread of the engine's own) is for tests and
+for programs that embed the engine.
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ class Request:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     stop_tokens: list[int] = field(default_factory=list)
-    emit: Callable[[Event], None] = lambda event: None   # called on the engine thread
+    emit: Callable[[Event], None] = lambda event: None   # called on the thread running the loop
     cancelled: bool = False
 
 
@@ -126,15 +136,21 @@ class Engine:
         self.cond = threading.Condition()
         self.counts = {"completed": 0, "cancelled": 0, "errors": 0, "rejected": 0}
         self._thread: threading.Thread | None = None
+        self._looping = False  # a loop (`start`'s thread or `run`) is taking the steps
         self._stop = False
 
     # --- the public side (any thread) ---------------------------------------------------------
     def start(self) -> "Engine":
+        """Run the loop on a thread of the engine's own (tests, embedding). Slower on a CPU: see the top."""
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="scratchlm-engine", daemon=True)
             self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until `shutdown` (from another thread) or Ctrl-C."""
+        self._loop()
 
     def shutdown(self) -> None:
         with self.cond:
@@ -145,7 +161,7 @@ class Engine:
             self._thread = None
 
     def submit(self, req: Request) -> Request:
-        """Queue a request; its events arrive through `req.emit` on the engine thread."""
+        """Queue a request; its events arrive through `req.emit` on the loop's thread."""
         if not req.prompt or len(req.prompt) >= self.context:
             raise ValueError(f"prompt of {len(req.prompt)} tokens: it must be 1 to {self.context - 1} tokens")
         if max(req.prompt) >= self.model.cfg.vocab_size or min(req.prompt) < 0:
@@ -176,12 +192,15 @@ class Engine:
                     "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counts}
 
     def stream(self, req: Request) -> Iterator[Event]:
-        """Submit and iterate over the events on this thread (for the terminal chat and benchmarks)."""
+        """Submit and iterate over the events on this thread (the terminal chat, benchmarks). With no
+        loop running, the steps run here, on the calling thread (the fast one: see the top)."""
         events: queue.Queue[Event] = queue.Queue()
         req.emit = events.put
         self.submit(req)
         try:
             while True:
+                while not self._looping and events.empty():
+                    self.step()
                 event = events.get()
                 yield event
                 if event.finish_reason:
@@ -189,21 +208,25 @@ class Engine:
         finally:
             self.cancel(req)  # a no-op when it finished; frees the slot when the caller stopped reading
 
-    # --- the engine thread --------------------------------------------------------------------
+    # --- the engine loop ----------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self._stop and not self.waiting and not any(self.rows):
-                    self.cond.wait()
-                if self._stop:
-                    return
-            try:
-                self.step()
-            except Exception:  # the server must outlive any one bad batch: fail it, keep serving
-                log.exception("engine step failed; ending the running requests with an error")
-                for row in self.rows:
-                    if row is not None:
-                        self._finish(row, "error")
+        self._looping = True
+        try:
+            while True:
+                with self.cond:
+                    while not self._stop and not self.waiting and not any(self.rows):
+                        self.cond.wait()
+                    if self._stop:
+                        return
+                try:
+                    self.step()
+                except Exception:  # the server must outlive any one bad batch: fail it, keep serving
+                    log.exception("engine step failed; ending the running requests with an error")
+                    for row in self.rows:
+                        if row is not None:
+                            self._finish(row, "error")
+        finally:
+            self._looping = False
 
     @torch.inference_mode()
     def step(self) -> None:

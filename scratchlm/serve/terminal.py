@@ -70,8 +70,7 @@ def chat(ckpt: str, device: str = "auto", **kw) -> None:
         raise UserError("--max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
     from scratchlm.train.checkpoint import load_for_inference
     model, tok, meta = load_for_inference(ckpt, device=device)
-    engine = Engine(model, tok, max_batch=1, max_queue=1).start()
-    try:
-        chat_loop(engine, ChatFormat.for_checkpoint(tok, meta), **kw)
-    finally:
-        engine.shutdown()
+    # Not started: `stream` runs the steps on this thread, the one that loaded the model (faster on a CPU;
+    # scratchlm/serve/batching.py says why).
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    chat_loop(engine, ChatFormat.for_checkpoint(tok, meta), **kw)
