@@ -8,9 +8,10 @@ from scratchlm.model import GPT, ModelConfig, lm_loss
 from scratchlm.model.gpt import head_cross_entropy
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked,compiled", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_head_cross_entropy_matches_plain_loss_and_grads(masked, bf16):
+def test_head_cross_entropy_matches_plain_loss_and_grads(masked, compiled, bf16):
+    """compiled: under torch.compile, which takes the head's other way of subtracting the one-hot."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 37, 16, generator=g, requires_grad=True)
     w = (torch.randn(300, 16, generator=g) * 0.3).requires_grad_()
@@ -18,9 +19,10 @@ def test_head_cross_entropy_matches_plain_loss_and_grads(masked, bf16):
     t[0, 3] = -100  # ignore_index, as F.cross_entropy
     mask = (torch.rand(2, 37, generator=g) > 0.3).float() if masked else None
     results = []
+    fused_loss = torch.compile(head_cross_entropy, fullgraph=True) if compiled else head_cross_entropy
     for fused in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = head_cross_entropy(x, w, t, mask, chunk=16) if fused else lm_loss(x @ w.t(), t, mask)
+            loss = fused_loss(x, w, t, mask, chunk=16) if fused else lm_loss(x @ w.t(), t, mask)
         gx, gw = torch.autograd.grad(loss * 3.0, (x, w))  # a non-unit incoming gradient too
         results.append((loss.float(), gx, gw))
     (l0, gx0, gw0), (l1, gx1, gw1) = results

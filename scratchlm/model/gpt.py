@@ -217,7 +217,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * w).sum()
             g = torch.exp(logits.sub_(lse[:, None]))                      # softmax, in place
-            g[torch.arange(g.size(0), device=g.device), t] -= 1.0
+            if torch.compiler.is_compiling():
+                # The same numbers (bit for bit), as a comparison instead of an indexed write: Inductor
+                # fuses a kernel that holds an indexed write into scalar loops; this way the exp, the
+                # -1 and the cast below are one vectorised pass (1024 x 50k: 137 -> 52 ms). Eager is
+                # the other way round: the write touches one element per row, the comparison all of them.
+                g = g - (torch.arange(g.size(1), device=g.device)[None, :] == t[:, None]).to(g.dtype)
+            else:
+                g[torch.arange(g.size(0), device=g.device), t] -= 1.0
             g = (g * w[:, None]).to(x.dtype)
             dx[s:s + chunk] = g @ weight
             dw += (g.t() @ xs).float()
