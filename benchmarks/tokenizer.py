@@ -33,7 +33,7 @@ def run() -> str:
     for corpus in (small, texts):  # ~8 MB and the whole corpus
         size = sum(len(t.encode()) for t in corpus) / 1e6
         ours_train, ours_cpu, ours = timed_cpu(lambda c=corpus: Tokenizer.train(c, vocab, pattern=GPT4_PATTERN,
-                                                                       num_workers=2))
+                                                                       num_workers=None))
         hf_train, hf_cpu, hf = timed_cpu(lambda c=corpus: hf_trained(c))
         train_rows += [
             [f"train to vocab 8192 on {size:.1f} MB (s, wall)", f"{ours_train:.2f}", f"{hf_train:.2f}",
@@ -66,7 +66,7 @@ def run() -> str:
         ["bytes per token", f"{mb * 1e6 / ours_tokens:.4f}", f"{mb * 1e6 / hf_tokens:.4f}",
          f"{(mb * 1e6 / ours_tokens) / (mb * 1e6 / hf_tokens):.4f}", "within 1%"],
     ]
-    return (f"### Tokenizer ({mb:.1f} MB of Gutenberg text, GPT-4 regex, 2 processes for our counting)\n\n"
+    return (f"### Tokenizer ({mb:.1f} MB of Gutenberg text, GPT-4 regex, our counting in one process per core, as `scratchlm prepare` runs it)\n\n"
             f"HF encodes with `{hf_path}` ({n} threads, its fastest batch path; its ids stay in Rust until read); "
             f"ours with tiktoken's threads, `encode_batch_arrays` (ids in uint32 arrays, filled with the GIL "
             "released; the same ids as `encode_batch`, checked) and `encode_batch` (a Python int per token). "

@@ -51,7 +51,7 @@ def cmd_tokenizer(a) -> None:
         else:
             texts = (d.text for d in iter_documents(a.input, ReadOptions(text_field=a.text_field)))
             tok = Tokenizer.train(texts, a.vocab_size, pattern=a.pattern, min_frequency=a.min_frequency,
-                                  num_workers=2)
+                                  num_workers=None)  # one counting process per core
         tok.save(a.out)
         if a.hf:
             from scratchlm.tokenizer.hf_export import export_hf

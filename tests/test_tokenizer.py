@@ -62,11 +62,19 @@ def test_fast_trainer_equals_naive_bpe(shared):
     assert learn_merges(counts, 300) == naive_bpe(counts, 300)
 
 
-def test_training_is_deterministic_and_parallel_counting_agrees(shared):
+def test_training_is_deterministic_and_parallel_counting_agrees(shared, monkeypatch):
+    from scratchlm.tokenizer import bpe
     texts = [(shared / "tinyshakespeare.txt").read_text()[:200_000]]
     a = Tokenizer.train(texts, 600, num_workers=0)
     b = Tokenizer.train(texts, 600, num_workers=2)
     assert a.merges == b.merges and a.fingerprint == b.fingerprint
+    # None (what `prepare` and `tokenizer train` pass): one counting process per usable core
+    workers = []
+    count = bpe.count_chunks
+    monkeypatch.setattr(bpe, "usable_cores", lambda: 3)
+    monkeypatch.setattr(bpe, "count_chunks", lambda *a, **kw: workers.append(kw["num_workers"]) or count(*a, **kw))
+    c = Tokenizer.train(texts, 600, num_workers=None)
+    assert workers == [3] and c.merges == a.merges
 
 
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])

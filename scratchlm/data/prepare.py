@@ -123,7 +123,8 @@ def make_tokenizer(cfg: TokenizerConfig, texts: Iterator[str], log: Callable[[st
             f"special), no merges, so tokenizer.vocab_size={cfg.vocab_size} and pattern are not used")
         return tok
     t = time.time()
-    tok = Tokenizer.train(texts, cfg.vocab_size, pattern=cfg.pattern, num_workers=2)
+    # num_workers=None: one process per core counts the pre-token chunks (the merges do not depend on it)
+    tok = Tokenizer.train(texts, cfg.vocab_size, pattern=cfg.pattern, num_workers=None)
     log(f"trained a {tok.vocab_size}-token BPE tokenizer in {time.time() - t:.1f}s")
     return tok
 

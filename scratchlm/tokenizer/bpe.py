@@ -191,6 +191,11 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int = 0) -> Co
     return total
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: what containers and taskset allow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_pattern(pattern: str) -> str:
     """A pattern name (gpt2, gpt4) or a regex, checked: it must compile, and a bare word that is
     not a known name is a typo (as a regex, "gpt3" would match almost nothing)."""
@@ -367,14 +372,16 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_PATTERN,
               special_tokens: Collection[str] = DEFAULT_SPECIAL_TOKENS, min_frequency: int = 1,
-              num_workers: int = 0) -> "Tokenizer":
-        """Learn `vocab_size - 256 - len(special_tokens)` merges from `texts` (any iterable)."""
+              num_workers: int | None = 0) -> "Tokenizer":
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `texts` (any iterable).
+        num_workers: processes that count the pre-token chunks (0 or 1: this one; None: one per usable
+        core). The merges do not depend on it."""
         pattern = resolve_pattern(pattern)
         num_merges = vocab_size - 256 - len(special_tokens)
         if num_merges < 0:
             raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
                             f"256 + {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
-        counts = count_chunks(texts, pattern, num_workers=num_workers)
+        counts = count_chunks(texts, pattern, num_workers=usable_cores() if num_workers is None else num_workers)
         if min_frequency > 1:
             counts = Counter({k: v for k, v in counts.items() if v >= min_frequency})
         if not any(chunk.strip() for chunk in counts):
