@@ -40,3 +40,14 @@ def test_model_training_loss_is_the_plain_loss_of_its_logits():
     assert torch.allclose(loss, lm_loss(full, x), rtol=1e-5)
     loss.backward()  # the tied embedding/head matrix gets its gradient from both uses
     assert m.embed_tokens.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_logsumexp_with_a_scratch_buffer_is_torchs_bit_for_bit():
+    from scratchlm.model.gpt import _logsumexp
+    x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 30
+    x[1] = float("-inf")                              # a row that is all -inf: -inf, not nan
+    x[2, 7] = float("inf")
+    x[3, :500] = float("-inf")
+    x[4] = x[4].bfloat16().float()                    # bf16 logits upcast, as training feeds it
+    got = _logsumexp(x.clone(), torch.empty_like(x))
+    torch.testing.assert_close(got, torch.logsumexp(x, -1), rtol=0, atol=0, equal_nan=True)
