@@ -19,7 +19,7 @@ from benchmarks.common import md_table
 from benchmarks.limits import measure
 from benchmarks.train_step import SHAPES, hf, ours
 from scratchlm.generate import SamplingConfig, generate_ids
-from scratchlm.model.packed import pack_linears
+from scratchlm.model.packed import PackedLinear, pack_linears
 from scratchlm.quantize import decode_bytes_per_token, quantize_int8
 
 NEW = 256
@@ -55,11 +55,29 @@ def _contenders(s: dict, prompt: torch.Tensor, workdir: Path) -> dict:
                                                                  decode_bytes_per_token(packed)),
             "ours, bf16 weights, packed (--quantize bf16)": (our_gen(packed), decode_bytes_per_token(packed)),
             "ours, int8 weights (--quantize int8)": (our_gen(q), decode_bytes_per_token(q))}
+    if len(rows) == 1:
+        gens["ceiling: the step's weight products alone (packed)"] = (_products_only(packed),
+                                                                       decode_bytes_per_token(packed))
     if len(rows) > 1:  # the batched tables keep to the settings a user runs
         del gens["ours, bf16 weights, plain F.linear"], gens["ours, bf16 weights, packed, GPT.forward per step"]
     if len(rows) == 1 and llamacpp.unavailable() is None:  # its Python API decodes one sequence
         gens.update(llamacpp.contenders(m, rows[0], torch.get_num_threads(), workdir))
     return gens
+
+
+def _products_only(model) -> callable:
+    """n 'steps' of nothing but the packed model's weight products, in a decoding step's order, on one
+    row: no attention, norms, sampling or Python between them. No step built from these kernels can be
+    faster, so this row is the ceiling of the lean step's approach on this machine."""
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    inputs = [torch.zeros(1, 1, m.in_features, dtype=torch.bfloat16) for m in linears]
+
+    def steps(n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                for m, x in zip(linears, inputs):
+                    m(x)
+    return steps
 
 
 def run() -> str:
@@ -84,7 +102,9 @@ def run() -> str:
             "`Llama` decodes one sequence). 'packed': every Linear's weight reordered once into oneDNN's blocked "
             "layout (scratchlm/model/packed.py; the same outputs, bit for bit, as plain F.linear). Each decoding step "
             "runs model/decode.py's lean step (the same logits, bit for bit, in fewer PyTorch operations), except "
-            "in the 'GPT.forward per step' row.\n\n"
+            "in the 'GPT.forward per step' row. The 'ceiling' row times only the weight products of a step (every "
+            "packed Linear once, back to back, one row): what a step made of these kernels could reach with "
+            "attention, norms, sampling and Python cost nothing.\n\n"
             + md_table(["batch", "implementation", "tokens/s", "weight MB/step", "weights GB/s",
                         "of bandwidth", "vs HF bf16"], rows))
 
