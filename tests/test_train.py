@@ -838,3 +838,31 @@ def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(tmp_pat
     with pytest.raises(UserError, match="model config changed \\(qk_norm\\)"):
         pretrain(load_config("tiny", more + ["model.qk_norm=true"]), tiny_dataset, resume=True, quiet=True,
                  log=lambda *_: None)
+
+
+def test_training_keeps_freed_memory_for_the_next_step():
+    """keep_freed_memory (the trainer sets it on CPU): a large tensor comes from the heap, not straight from the OS,
+    and freeing it keeps the memory for the next one (no page faults to pay again every step)."""
+    import ctypes
+    import platform
+
+    from scratchlm.train import hardware
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert hardware.keep_freed_memory() is False  # elsewhere it says it did nothing
+        return
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    assert hardware.keep_freed_memory() is True
+    mapped = libc.mallinfo2().hblkhd
+    big = torch.ones(50_000_000)  # 200 MB: glibc would map it from the OS on its own
+    assert libc.mallinfo2().hblkhd - mapped < 1 << 20 and libc.mallinfo2().arena >= big.nbytes
+    del big
+    top = libc.malloc(300 << 20)  # bigger than any free block: it grows the heap at its top
+    grown = libc.mallinfo2().arena
+    libc.free(top)  # a free block at the top of the heap: glibc would trim it straight back to the OS
+    assert libc.mallinfo2().arena == grown  # kept for the next step

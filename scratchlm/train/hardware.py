@@ -83,3 +83,25 @@ def measure_matmul_flops(device: torch.device, arithmetic: str, n: int = 1024) -
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def keep_freed_memory() -> bool:
+    """Let this process keep the memory it frees, for reuse, instead of handing it back to the OS (glibc).
+
+    A training step allocates and frees the same large tensors every step, and PyTorch's CPU allocator
+    keeps no cache of its own: glibc serves blocks over 32 MB (and, once it has trimmed its heap, smaller
+    ones) straight from the OS, so every step pays the page faults of touching them for the first time
+    again. Keeping freed memory trades ~5% more peak memory (1.84 -> 1.93 GB) for a faster step on the
+    small shape (eager: 1,227-1,305 -> 1,451-1,452 tokens/s; compiled: 1,514-1,609 -> 1,607-1,626).
+    jemalloc or tcmalloc (LD_PRELOAD) do the same. Process-wide; returns whether it applied (glibc only)."""
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    # no block straight from the OS (mmap), and never give the heap's free top back (trim)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))  # a C int

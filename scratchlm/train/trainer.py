@@ -38,7 +38,7 @@ from scratchlm.errors import UserError
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.distributed import Parallel, agree_on_stop, all_ranks_agree, barrier, parallelize, setup, teardown
-from scratchlm.train.hardware import peak_flops
+from scratchlm.train.hardware import keep_freed_memory, peak_flops
 from scratchlm.train.logger import MetricsLog, Progress, Speed
 from scratchlm.train.muon import Muon, MuonAdamW
 from scratchlm.train.objective import Objective, PretrainObjective
@@ -89,6 +89,8 @@ def train(cfg: Config, model: nn.Module, objective: Objective, *, resume: bool =
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     precision = pick_precision(tc.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # every step reuses the last one's memory instead of faulting fresh pages in
     micro_batch = micro_batch_size(tc, info.world_size)
     say = log if info.is_main else (lambda *_: None)
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
