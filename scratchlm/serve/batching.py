@@ -144,12 +144,14 @@ class Engine:
         """Run the loop on a thread of the engine's own (tests, embedding). Slower on a CPU: see the top."""
         if self._thread is None:
             self._stop = False
+            self._looping = True  # before the thread runs: no `stream` may start driving steps meanwhile
             self._thread = threading.Thread(target=self._loop, name="scratchlm-engine", daemon=True)
             self._thread.start()
         return self
 
     def run(self) -> None:
         """Run the loop on the calling thread until `shutdown` (from another thread) or Ctrl-C."""
+        self._looping = True
         self._loop()
 
     def shutdown(self) -> None:
@@ -193,7 +195,8 @@ class Engine:
 
     def stream(self, req: Request) -> Iterator[Event]:
         """Submit and iterate over the events on this thread (the terminal chat, benchmarks). With no
-        loop running, the steps run here, on the calling thread (the fast one: see the top)."""
+        loop running, the steps run here, on the calling thread (the fast one: see the top); that is for
+        one caller at a time: several threads streaming at once need a loop (`start` or `run`)."""
         events: queue.Queue[Event] = queue.Queue()
         req.emit = events.put
         self.submit(req)
@@ -210,7 +213,6 @@ class Engine:
 
     # --- the engine loop ----------------------------------------------------------------------
     def _loop(self) -> None:
-        self._looping = True
         try:
             while True:
                 with self.cond:
