@@ -3,7 +3,8 @@
 Every request is checked first (body size, JSON, fields, prompt length, queue room) and refused with OpenAI's
 error JSON — 400 bad field, 401 wrong key, 404 unknown model or path, 413 body too large, 429 queue full —
 before any work starts. Generation runs in the `Engine` loop (on the main thread under `scratchlm serve`);
-this module, on the HTTP server's thread, only moves its events to the client, as one JSON response or as Server-Sent Events:
+this module, on the HTTP server's thread, only moves its events to the client, as one JSON response or as
+Server-Sent Events:
 
     data: {"id": ..., "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Hel"}, ...}]}
 
@@ -286,10 +287,14 @@ def _serve(sock: socket.socket, ckpt: str, host: str, port: int, api_key: str | 
 
     web = threading.Thread(target=http, name="scratchlm-http", daemon=True)
     web.start()
-    while not server.started:
-        if not web.is_alive():
-            raise UserError(f"the HTTP server did not start on {host}:{port} (see the message above)")
-        time.sleep(0.02)
+    try:
+        while not server.started:
+            if not web.is_alive():
+                raise UserError(f"the HTTP server did not start on {host}:{port} (see the message above)")
+            time.sleep(0.02)
+    except KeyboardInterrupt:  # Ctrl-C while it starts: stop it too
+        server.should_exit = True
+        raise
     print(f"serving {name} ({fmt.name} template, context {model.cfg.context_length}) on http://{host}:{port}/"
           f"  — OpenAI API at http://{host}:{port}/v1", flush=True)
     on_main = threading.current_thread() is threading.main_thread()
