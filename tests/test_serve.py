@@ -427,14 +427,21 @@ def test_scratchlm_serve_decodes_on_the_main_thread_and_stops_on_sigterm(tmp_pat
         finally:
             os.kill(os.getpid(), signal.SIGTERM)  # what `kill` sends; serve turns it into a clean stop
 
-    asker = threading.Thread(target=client)
-    asker.start()
-    serve(run, port=port, device="cpu")  # returns once the client's SIGTERM arrives
-    asker.join()
+    def stop(*_):  # ours, not the default: a serve() that failed early must not let SIGTERM kill pytest
+        raise KeyboardInterrupt
+
+    outer = signal.signal(signal.SIGTERM, stop)
+    try:
+        asker = threading.Thread(target=client)
+        asker.start()
+        serve(run, port=port, device="cpu")  # returns once the client's SIGTERM arrives
+        asker.join(timeout=60)
+        assert signal.getsignal(signal.SIGTERM) is stop  # serve put the caller's handler back
+    finally:
+        signal.signal(signal.SIGTERM, outer)
     ref = generate_ids(model, [tok.encode("Once upon")], SamplingConfig(max_new_tokens=12, temperature=0))[0]
     assert got["text"] == tok.decode(ref)
     assert threads and set(threads) == {threading.main_thread()}
-    assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler  # serve put the old handler back
     with pytest.raises(ConnectionRefusedError):  # nothing listens any more
         socket.create_connection(("127.0.0.1", port), timeout=5)
     with socket.socket() as s:  # something else takes the port

@@ -298,17 +298,16 @@ def _serve(sock: socket.socket, ckpt: str, host: str, port: int, api_key: str | 
     print(f"serving {name} ({fmt.name} template, context {model.cfg.context_length}) on http://{host}:{port}/"
           f"  — OpenAI API at http://{host}:{port}/v1", flush=True)
     on_main = threading.current_thread() is threading.main_thread()
-    if on_main:
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if on_main else None  # `kill` = Ctrl-C
     try:
         engine.run()
     except KeyboardInterrupt:
         pass
     finally:
+        if on_main:  # first: a second Ctrl-C during the wait below must not leave ours installed
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         server.should_exit = True
         web.join(timeout=10)
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _listen(host: str, port: int) -> socket.socket:
