@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,7 +66,7 @@ def _contenders(s: dict, prompt: torch.Tensor, workdir: Path) -> dict:
     return gens
 
 
-def _products_only(model) -> callable:
+def _products_only(model: torch.nn.Module) -> Callable[[int], None]:
     """n 'steps' of nothing but the packed model's weight products, in a decoding step's order, on one
     row: no attention, norms, sampling or Python between them. No step built from these kernels can be
     faster, so this row is the ceiling of the lean step's approach on this machine."""

@@ -377,6 +377,26 @@ def _record_step_threads(monkeypatch) -> list[threading.Thread]:
     return threads
 
 
+def test_a_failing_step_ends_only_its_request_when_stream_drives_the_steps(monkeypatch):
+    """The terminal chat's engine runs no loop: `stream` takes the steps, and a step that fails must end that
+    request with an "error" event (as the server's loop does), not raise into the chat."""
+    model, tok = trained_model()
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    prefill = Engine._prefill
+    calls = []
+
+    def fail_once(self, row):
+        calls.append(row)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return prefill(self, row)
+    monkeypatch.setattr(Engine, "_prefill", fail_once)
+    events = list(engine.stream(Request(tok.encode("Once upon"), 4, temperature=0)))
+    assert events[-1].finish_reason == "error" and engine.stats()["running"] == 0
+    events = list(engine.stream(Request(tok.encode("Once upon"), 4, temperature=0)))  # the next one works
+    assert events[-1].finish_reason in ("length", "stop") and engine.stats()["errors"] == 1
+
+
 def test_scratchlm_chat_cli_on_a_checkpoint(tmp_path, monkeypatch, capsys):
     import io
 

@@ -226,10 +226,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
             loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * w).sum()
             g = logits.sub_(lse[:, None]).exp_()                             # softmax, in place
             if torch.compiler.is_compiling():
-                # The same numbers (bit for bit where N is a multiple of chunk), as a comparison instead of an indexed write: Inductor
-                # fuses a kernel that holds an indexed write into scalar loops; this way the exp, the
-                # -1 and the cast below are one vectorised pass (1024 x 50k: 137 -> 52 ms). Eager is
-                # the other way round: the write touches one element per row, the comparison all of them.
+                # The same numbers (bit for bit where N is a multiple of chunk), as a comparison instead
+                # of an indexed write: Inductor fuses a kernel that holds an indexed write into scalar
+                # loops; this way the exp, the -1 and the cast below are one vectorised pass (1024 x 50k:
+                # 137 -> 52 ms). Eager is the other way round: the write touches one element per row,
+                # the comparison all of them.
                 g = g - (torch.arange(V, device=g.device)[None, :] == t[:, None]).to(g.dtype)
             else:
                 g[torch.arange(n, device=g.device), t] -= 1.0

@@ -203,7 +203,7 @@ class Engine:
         try:
             while True:
                 while not self._looping and events.empty():
-                    self.step()
+                    self._step_or_fail()
                 event = events.get()
                 yield event
                 if event.finish_reason:
@@ -220,15 +220,20 @@ class Engine:
                         self.cond.wait()
                     if self._stop:
                         return
-                try:
-                    self.step()
-                except Exception:  # the server must outlive any one bad batch: fail it, keep serving
-                    log.exception("engine step failed; ending the running requests with an error")
-                    for row in self.rows:
-                        if row is not None:
-                            self._finish(row, "error")
+                self._step_or_fail()
         finally:
             self._looping = False
+
+    def _step_or_fail(self) -> None:
+        """One step; if it fails, only its requests end (with an "error" event): the server, or the chat,
+        must outlive any one bad batch."""
+        try:
+            self.step()
+        except Exception:
+            log.exception("engine step failed; ending the running requests with an error")
+            for row in self.rows:
+                if row is not None:
+                    self._finish(row, "error")
 
     @torch.inference_mode()
     def step(self) -> None:
